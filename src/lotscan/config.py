@@ -1,0 +1,355 @@
+"""One configuration object for every entry point.
+
+The same :class:`LotscanConfig` is read by the CLI, the Ray Train workers, the
+Ray Data scoring actors and (later) the Serve app, and it is stored inside every
+model bundle. It is a tree of plain dataclasses so that it serialises to JSON
+and YAML without custom code, and every field has a default that works on a
+laptop (2 CPU cores, no GPU).
+
+Values come from, in order: the defaults below, a YAML file (``--config``),
+then ``--set section.field=value`` overrides. Unknown keys and wrongly typed
+values are errors naming the key: a typo must never silently fall back to a
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("recon", "dta", "diffad", "drdc")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass
+class StorageConfig:
+    """Where object storage lives. Credentials come from the standard AWS
+    environment variables (``AWS_ACCESS_KEY_ID`` ...) or the instance profile,
+    never from the config file."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, moto). ``None`` uses
+    ``AWS_ENDPOINT_URL`` from the environment, else AWS itself."""
+    region: str | None = None
+    anon: bool = False
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 64
+    """Images are resized to image_size x image_size before the model sees them."""
+    calibration_fraction: float = 0.1
+    """Share of the normal training images held out (by a hash of their URI, so
+    the split is stable) for calibration: normalisation statistics and threshold."""
+    max_image_pixels: int = 50_000_000
+    """Decoded images larger than this are refused (decompression-bomb guard)."""
+    max_image_bytes: int = 100 * 1024 * 1024
+    """Encoded files larger than this are refused before decoding."""
+
+
+@dataclass
+class DenoiserConfig:
+    """The pixel-space denoiser shared by ``recon`` and ``dta``: a diffusers
+    ``UNet2DModel`` trained with DDPM epsilon prediction. The defaults are a
+    tiny CPU model (about 1.5 M parameters); a paper-scale model is e.g.
+    ``block_out_channels: [128, 256, 256, 512]``, ``layers_per_block: 2``,
+    ``attention: true``."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention: bool = False
+    """Self-attention in the lowest-resolution block."""
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    """``linear`` (DDPM, beta 1e-4..0.02) or ``squaredcos_cap_v2`` (cosine)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 3000
+    time_budget_minutes: float = 10.0
+    """Training stops at max_steps or after this wall-clock budget, whichever
+    comes first (counted per run; a resumed run gets a fresh budget)."""
+    batch_size: int = 16
+    """Per worker."""
+    learning_rate: float = 2e-4
+    num_workers: int = 1
+    use_gpu: bool = False
+    checkpoint_every_steps: int = 250
+    log_every_steps: int = 25
+    seed: int = 0
+    augment_flips: bool = True
+    """Random horizontal/vertical flips of the normal images (textures are
+    flip-invariant; switch off for objects with an orientation)."""
+
+
+@dataclass
+class ReconConfig:
+    """Single-noise-level reconstruction: the baseline of the DTA paper."""
+
+    noise_level: int = 100
+    """Timestep (of num_train_timesteps) the image is noised to."""
+    x0_prediction: str = "ddim"
+    """``ddim``: a short DDIM reconstruction from the noised image;
+    ``tweedie``: the one-step posterior-mean prediction of x0."""
+    ddim_steps: int = 5
+
+
+@dataclass
+class DTAConfig:
+    """Diffusion Trend Analysis (Kim et al., Fig. 3)."""
+
+    num_levels: int = 10
+    """K: noise levels swept after the clean level 0 (the sequence has K+1 entries)."""
+    max_noise_level: int = 150
+    """Largest timestep of the sweep; levels are evenly spaced in (0, max]."""
+    x0_prediction: str = "tweedie"
+    """``tweedie`` (one model call per level) or ``ddim`` (a short DDIM
+    reconstruction per level, as the paper's DDIM baseline does)."""
+    ddim_steps: int = 3
+    shared_noise: bool = True
+    """One noise draw per image shared by every level, so that only the level
+    changes along the sweep (chosen; the paper does not say)."""
+    uncertainty_weight: float = 1.0
+    """Exponent w in ``trend_x' * trend_u' ** w``: 0 is the paper's variant (A),
+    intensity trend only; 1 is variant (B), the plain product. The paper reports
+    AP rising with the uncertainty weight."""
+    fourier_index: int = 1
+    """Which DFT coefficient measures the trend; the paper's "2nd component" is
+    index 1 (index 0 is the DC term)."""
+
+
+@dataclass
+class ScoreConfig:
+    batch_size: int = 8
+    """Images per scoring call on one actor."""
+    num_actors: int = 1
+    """Size of the scoring actor pool."""
+    num_gpus_per_actor: float | None = None
+    """``None``: 1 when the Ray cluster has GPUs, else 0 (CPU actors)."""
+    decode_batch_size: int = 16
+    smoothing_kernel: int = 5
+    """Side of the mean filter applied to every per-pixel signal before
+    normalisation (1 disables it). Chosen: 5 px at 64 px input."""
+    image_score_pool: int = 5
+    """Image score = max of the anomaly map average-pooled with this kernel."""
+    heatmap_format: str = "npy"
+    """``npy`` (float32, exact) or ``png16`` (16-bit PNG scaled by heatmap_png_max)."""
+    heatmap_png_max: float = 4.0
+    """Normalised score mapped to 65535 in 16-bit PNG heatmaps."""
+    report_top_k: int = 12
+    """Worst images shown with overlays in the HTML report."""
+
+
+@dataclass
+class CalibrationConfig:
+    normal_fpr: float = 0.01
+    """Decision threshold: the (1 - normal_fpr) quantile of held-out normal
+    image scores."""
+    low_quantile: float = 0.0
+    high_quantile: float = 0.999
+    """Per-signal normalisation maps these quantiles of held-out normal pixel
+    values to 0 and 1 (anomalies may exceed 1; nothing is clipped above)."""
+
+
+@dataclass
+class LotscanConfig:
+    method: str = "dta"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    dta: DTAConfig = field(default_factory=DTAConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self) -> LotscanConfig:
+        """Check cross-field constraints; raise :class:`ConfigError` naming the field."""
+        checks = [
+            (self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
+            (16 <= self.data.image_size <= 1024, "data.image_size", "must be in [16, 1024]"),
+            (
+                self.data.image_size % (2 ** (len(self.denoiser.block_out_channels) - 1)) == 0,
+                "data.image_size",
+                "must be divisible by 2**(len(denoiser.block_out_channels) - 1)",
+            ),
+            (0.0 < self.data.calibration_fraction < 1.0, "data.calibration_fraction", "must be in (0, 1)"),
+            (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),
+            (self.train.time_budget_minutes > 0, "train.time_budget_minutes", "must be > 0"),
+            (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (self.train.num_workers >= 1, "train.num_workers", "must be >= 1"),
+            (
+                self.denoiser.beta_schedule in ("linear", "squaredcos_cap_v2", "scaled_linear"),
+                "denoiser.beta_schedule",
+                "must be linear, scaled_linear or squaredcos_cap_v2",
+            ),
+            (
+                0 < self.recon.noise_level < self.denoiser.num_train_timesteps,
+                "recon.noise_level",
+                "must be in (0, denoiser.num_train_timesteps)",
+            ),
+            (self.recon.x0_prediction in ("ddim", "tweedie"), "recon.x0_prediction", "must be ddim or tweedie"),
+            (self.recon.ddim_steps >= 1, "recon.ddim_steps", "must be >= 1"),
+            (self.dta.num_levels >= 2, "dta.num_levels", "must be >= 2"),
+            (
+                0 < self.dta.max_noise_level < self.denoiser.num_train_timesteps,
+                "dta.max_noise_level",
+                "must be in (0, denoiser.num_train_timesteps)",
+            ),
+            (self.dta.x0_prediction in ("ddim", "tweedie"), "dta.x0_prediction", "must be ddim or tweedie"),
+            (self.dta.ddim_steps >= 1, "dta.ddim_steps", "must be >= 1"),
+            (self.dta.uncertainty_weight >= 0, "dta.uncertainty_weight", "must be >= 0"),
+            (
+                1 <= self.dta.fourier_index <= self.dta.num_levels // 2,
+                "dta.fourier_index",
+                "must be in [1, (num_levels + 1) // 2]",
+            ),
+            (self.score.batch_size >= 1, "score.batch_size", "must be >= 1"),
+            (self.score.num_actors >= 1, "score.num_actors", "must be >= 1"),
+            (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1,
+             "score.smoothing_kernel", "must be an odd number >= 1"),
+            (self.score.image_score_pool >= 1, "score.image_score_pool", "must be >= 1"),
+            (self.score.heatmap_format in ("npy", "png16"), "score.heatmap_format", "must be npy or png16"),
+            (0.0 < self.calibration.normal_fpr < 1.0, "calibration.normal_fpr", "must be in (0, 1)"),
+            (
+                0.0 <= self.calibration.low_quantile < self.calibration.high_quantile <= 1.0,
+                "calibration.low_quantile/high_quantile",
+                "need 0 <= low < high <= 1",
+            ),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"config field {key}: {message}")
+        return self
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a dataclass field's type; convert only
+    lossless cases (int -> float, list -> list[int])."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config field {key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field {key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field {key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config field {key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config field {key}: expected a string, got {value!r}")
+    raise ConfigError(f"config field {key}: unsupported type {annotation!r}")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'}: expected a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(
+                f"unknown config key {key!r}; known keys here: {', '.join(sorted(names))}"
+            )
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def from_dict(data: dict[str, Any] | None) -> LotscanConfig:
+    cfg = LotscanConfig()
+    if data:
+        _merge(cfg, data)
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    parts = [p for p in path.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    out: dict[str, Any] = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> LotscanConfig:
+    """Defaults <- ``base`` (e.g. a bundle's stored config) <- YAML file <- overrides."""
+    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p}: not valid YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        _deep_update(data, loaded)
+    for text in overrides or []:
+        _deep_update(data, parse_override(text))
+    return from_dict(data).validate()
