@@ -68,7 +68,9 @@ class DenoiserConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention: bool = False
-    """Self-attention in the lowest-resolution block."""
+    """Self-attention in the lowest-resolution blocks and the middle block."""
+    norm_num_groups: int = 8
+    """GroupNorm groups; every entry of block_out_channels must divide by it."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     """``linear`` (DDPM, beta 1e-4..0.02) or ``squaredcos_cap_v2`` (cosine)."""
@@ -109,8 +111,11 @@ class ReconConfig:
 class DTAConfig:
     """Diffusion Trend Analysis (Kim et al., Fig. 3)."""
 
-    num_levels: int = 10
-    """K: noise levels swept after the clean level 0 (the sequence has K+1 entries)."""
+    num_levels: int = 9
+    """K: noise levels swept after the clean level 0 (the sequence has K+1 entries).
+    Chosen odd so that K+1 is even: then a period-2 flicker between levels is
+    exactly orthogonal to the trend coefficient; with an odd K+1 it leaks into it
+    at about its own amplitude (see tests/test_dta.py)."""
     max_noise_level: int = 150
     """Largest timestep of the sweep; levels are evenly spaced in (0, max]."""
     x0_prediction: str = "tweedie"
@@ -191,6 +196,11 @@ class LotscanConfig:
                 "must be divisible by 2**(len(denoiser.block_out_channels) - 1)",
             ),
             (0.0 < self.data.calibration_fraction < 1.0, "data.calibration_fraction", "must be in (0, 1)"),
+            (
+                all(c % self.denoiser.norm_num_groups == 0 for c in self.denoiser.block_out_channels),
+                "denoiser.norm_num_groups",
+                "must divide every entry of denoiser.block_out_channels",
+            ),
             (self.train.max_steps >= 1, "train.max_steps", "must be >= 1"),
             (self.train.time_budget_minutes > 0, "train.time_budget_minutes", "must be > 0"),
             (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),

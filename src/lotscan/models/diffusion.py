@@ -1,0 +1,126 @@
+"""DDPM training and DDIM prediction of x0, for any epsilon-predicting network.
+
+The noise schedule comes from a diffusers scheduler (swappable through
+``DenoiserConfig.beta_schedule``); the reverse loops are written out here
+because anomaly detection starts them at arbitrary, per-sample timesteps
+(every level of a DTA sweep is a different start), which diffusers' samplers
+do not do. All functions take per-sample timesteps of shape ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDPMScheduler
+
+from lotscan.config import DenoiserConfig
+
+# eps_model(x_t, t) -> predicted noise; t is a LongTensor of shape (N,).
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NoiseSchedule:
+    """Cumulative alphas of the forward process, indexable by integer timestep."""
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+        self.num_train_timesteps = num_train_timesteps
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+
+    @classmethod
+    def from_config(cls, cfg: DenoiserConfig) -> NoiseSchedule:
+        return cls(cfg.num_train_timesteps, cfg.beta_schedule)
+
+    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t for timesteps ``t`` (``-1`` means the clean image, alpha_bar = 1),
+        shaped to broadcast against ``like`` (N, C, H, W)."""
+        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+        a = table[(t.cpu().long() + 1)].to(device=like.device, dtype=like.dtype)
+        return a.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alpha_bar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def ddpm_loss(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The simple DDPM objective: MSE between the drawn and the predicted noise
+    at a uniformly drawn timestep."""
+    n = x0.shape[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    x_t = schedule.add_noise(x0, noise, t)
+    return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
+
+
+def tweedie_x0(eps_model: EpsModel, schedule: NoiseSchedule, x_t: torch.Tensor,
+               t: torch.Tensor) -> torch.Tensor:
+    """One-step posterior-mean estimate of x0 from x_t."""
+    a = schedule.alpha_bar(t, x_t)
+    eps = eps_model(x_t, t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def ddim_timesteps(t_start: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-sample DDIM schedules of shape (N, steps + 1): evenly spaced from each
+    sample's start down to -1 (the clean image); repeated entries (a start
+    smaller than ``steps``) become no-op steps."""
+    frac = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    start = t_start.cpu().to(torch.float64).view(-1, 1)
+    seq = torch.round((start + 1) * frac - 1).long()
+    return seq
+
+
+def ddim_x0(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) reconstruction of x0 from x_t in ``steps``
+    model calls. ``steps == 1`` equals :func:`tweedie_x0`."""
+    seq = ddim_timesteps(t, steps)
+    x = x_t
+    for i in range(steps):
+        t_cur, t_next = seq[:, i], seq[:, i + 1]
+        a_cur = schedule.alpha_bar(t_cur, x)
+        a_next = schedule.alpha_bar(t_next, x)
+        eps = eps_model(x, t_cur.clamp(min=0).to(x.device))
+        x0 = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+        x_new = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        # A sample whose schedule does not move at this step keeps its state.
+        moving = (t_cur != t_next).to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        x = torch.where(moving, x_new, x)
+    return x
+
+
+def predict_x0(
+    eps_model: EpsModel,
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    mode: str,
+    ddim_steps: int,
+) -> torch.Tensor:
+    """x0 from x_t by ``mode``: ``tweedie`` (one call) or ``ddim`` (``ddim_steps`` calls)."""
+    if mode == "tweedie":
+        return tweedie_x0(eps_model, schedule, x_t, t)
+    if mode == "ddim":
+        return ddim_x0(eps_model, schedule, x_t, t, ddim_steps)
+    raise ValueError(f"unknown x0 prediction mode {mode!r} (use tweedie or ddim)")
+
+
+def unet_eps_model(unet: torch.nn.Module) -> EpsModel:
+    """Adapt a diffusers UNet2DModel to ``eps_model(x_t, t)``."""
+
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet(x, t.to(x.device)).sample
+
+    return eps

@@ -1,0 +1,96 @@
+"""The interface every anomaly-detection method implements.
+
+A method owns its networks (plain ``nn.Module`` s, saved one safetensors file
+each), says how each training stage computes its loss, and splits scoring into
+independent work units whose partial results reduce associatively (see
+:mod:`lotscan.models.reduction`). Normalisation, smoothing, image scores and
+thresholds are shared and live in :mod:`lotscan.models.scoring`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lotscan.config import LotscanConfig
+from lotscan.models.reduction import Partial
+
+
+def unit_noise(
+    seeds: Sequence[int], stream: int, shape: tuple[int, ...], device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Gaussian noise for a batch, one generator per image seeded from the image's
+    content seed and a stream number, so an image gets the same noise whatever
+    batch, actor or unit split it is scored in."""
+    draws = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
+        draws.append(torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+class AnomalyMethod:
+    """Base class: networks + training losses + unit-wise scoring."""
+
+    name: ClassVar[str]
+    signal_names: ClassVar[tuple[str, ...]]
+    """Per-pixel signals ``finalize`` returns; each is normalised with its own
+    calibrated range before ``fuse``."""
+    stages: ClassVar[tuple[str, ...]]
+    """Training stages in order; each is one Ray Train run."""
+
+    def __init__(self, cfg: LotscanConfig, networks: dict[str, nn.Module] | None = None):
+        self.cfg = cfg
+        self.networks: dict[str, nn.Module] = networks if networks is not None else self.build_networks()
+
+    # --- networks -----------------------------------------------------------------
+    def build_networks(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> AnomalyMethod:
+        for net in self.networks.values():
+            net.to(device)
+        return self
+
+    def eval(self) -> AnomalyMethod:
+        for net in self.networks.values():
+            net.eval()
+            net.requires_grad_(False)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(next(iter(self.networks.values())).parameters()).device
+
+    # --- training -----------------------------------------------------------------
+    def stage_networks(self, stage: str) -> list[str]:
+        """Names of the networks optimised in ``stage``."""
+        raise NotImplementedError
+
+    def training_loss(
+        self, stage: str, nets: dict[str, nn.Module], images: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Loss of one batch of normal images (N, 3, H, W) in [-1, 1]. ``nets`` are
+        the networks of this stage, possibly wrapped for data-parallel training."""
+        raise NotImplementedError
+
+    # --- scoring ------------------------------------------------------------------
+    def num_units(self) -> int:
+        raise NotImplementedError
+
+    def partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
+        """Partial result of ``units`` for images (B, 3, H, W) in [-1, 1]."""
+        raise NotImplementedError
+
+    def finalize(self, partial: Partial) -> dict[str, torch.Tensor]:
+        """Raw per-pixel signals (B, H, W) from the partial of all units."""
+        raise NotImplementedError
+
+    def fuse(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Anomaly map (B, H, W) from the normalised signals."""
+        raise NotImplementedError

@@ -1,0 +1,36 @@
+"""What ``recon`` and ``dta`` share: one pixel-space DDPM denoiser."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lotscan.models.denoiser import build_unet
+from lotscan.models.diffusion import NoiseSchedule, ddpm_loss, unet_eps_model
+from lotscan.models.method import AnomalyMethod
+
+
+class DenoiserMethod(AnomalyMethod):
+    """A method whose only network is the denoiser, trained with the DDPM loss."""
+
+    stages = ("denoiser",)
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        return {"denoiser": build_unet(self.cfg.denoiser, self.cfg.data.image_size)}
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        if not hasattr(self, "_schedule"):
+            self._schedule = NoiseSchedule.from_config(self.cfg.denoiser)
+        return self._schedule
+
+    def stage_networks(self, stage: str) -> list[str]:
+        if stage != "denoiser":
+            raise ValueError(f"{self.name} has one training stage, 'denoiser', not {stage!r}")
+        return ["denoiser"]
+
+    def training_loss(self, stage, nets, images, generator) -> torch.Tensor:
+        return ddpm_loss(unet_eps_model(nets["denoiser"]), self.schedule, images, generator)
+
+    def eps_model(self):
+        return unet_eps_model(self.networks["denoiser"])
