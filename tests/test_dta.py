@@ -91,8 +91,8 @@ def test_uncertainty_is_the_input_gradient_of_the_prediction(mode):
     _, uncertainty = method.predictions(images, [5], [level])
     # Rebuild x_t exactly as the method does, then differentiate numerically.
     t = method.level_timesteps()[[level]]
-    from lotscan.models.method import unit_noise
     from lotscan.models.diffusion import predict_x0
+    from lotscan.models.method import unit_noise
 
     noise = unit_noise([5], 0, (3, 16, 16), "cpu", torch.float64)
     x_t = method.schedule.add_noise(images, noise, t)

@@ -87,6 +87,9 @@ class TrainConfig:
     learning_rate: float = 2e-4
     num_workers: int = 1
     use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPU reserved per training worker; leave some for Ray's data tasks."""
     checkpoint_every_steps: int = 250
     log_every_steps: int = 25
     seed: int = 0
@@ -205,6 +208,7 @@ class LotscanConfig:
             (self.train.time_budget_minutes > 0, "train.time_budget_minutes", "must be > 0"),
             (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.train.num_workers >= 1, "train.num_workers", "must be >= 1"),
+            (self.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0"),
             (
                 self.denoiser.beta_schedule in ("linear", "squaredcos_cap_v2", "scaled_linear"),
                 "denoiser.beta_schedule",

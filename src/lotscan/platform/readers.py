@@ -13,6 +13,11 @@ An input is one of three layouts (:func:`detect_layout`):
 ``folder``
     any other folder: every image under it (recursively) is one row of one lot.
 
+``categories`` filters rows in every layout (``None`` or ``[]``: all); a
+category the input does not have is an :class:`InputError` listing those it
+has. Inputs without categories of their own (a folder, a manifest without a
+``category`` column) accept one category, which every row gets.
+
 A row is a plain dict with the keys of :data:`ROW_KEYS`, all ``str`` except
 ``label`` (``int``: -1 unknown, 0 good, 1 defective); nothing is ``None``, so a
 list of rows converts to an Arrow table or a Ray Dataset as is. ``image_id`` is
@@ -133,7 +138,8 @@ def _mvtec_categories(uri: str, storage: StorageConfig) -> tuple[list[str], bool
 
 
 def _select(available: list[str], categories: list[str] | None, uri: str) -> list[str]:
-    if categories is None:
+    """The selected categories; ``None`` or an empty list selects all."""
+    if not categories:
         return list(available)
     unknown = [c for c in categories if c not in available]
     if unknown:
@@ -342,7 +348,7 @@ def list_training_rows(data_uri: str, storage: StorageConfig,
         for cat in _select(available, categories, data_uri):
             cat_root = norm if single else st.join(norm, cat)
             found = _list_images(st.join(cat_root, "train", "good"), storage)
-            if categories is not None and not found:
+            if categories and not found:
                 raise InputError(
                     f"{data_uri}: category {cat!r} has no images under "
                     f"{st.join(cat_root, 'train', 'good')}"

@@ -1,0 +1,325 @@
+"""Cluster training with Ray Train, then calibration, then one bundle.
+
+``train_bundle`` runs each of the method's training stages as one
+``TorchTrainer`` (data-parallel over ``train.num_workers`` CPU or GPU workers),
+with checkpoints under ``<bundle>/checkpoints/<stage>-<fingerprint>``. Re-running
+the same command resumes every stage from its latest checkpoint; a changed
+config or data set gets a new fingerprint and starts fresh. A calibration
+pass on held-out normal images then fixes normalisation ranges and the
+threshold, and the bundle is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from lotscan.config import LotscanConfig, from_dict
+from lotscan.models.bundle import Bundle
+from lotscan.models.registry import build_method
+from lotscan.models.scoring import Calibration, Scorer, calibrate, to_model_input
+from lotscan.platform.bundles import save_bundle
+from lotscan.platform.checkpoints import load_checkpoint, load_networks, save_checkpoint
+from lotscan.platform.decode import DecodeBatch, decode_one
+from lotscan.platform.images import content_seed
+from lotscan.platform.readers import list_training_rows, split_calibration
+from lotscan.platform.runtime import ensure_ray
+from lotscan.platform.storage import join, pyarrow_filesystem
+
+Log = Callable[[str], None]
+
+
+def _flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n = images.shape[0]
+    h = torch.rand(n, generator=generator) < 0.5
+    v = torch.rand(n, generator=generator) < 0.5
+    images = torch.where(h.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+    return torch.where(v.view(-1, 1, 1, 1).to(images.device), images.flip(-2), images)
+
+
+def _stop_everywhere(local_stop: bool) -> bool:
+    """All workers stop at the same step (else a data-parallel all-reduce hangs)."""
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([1.0 if local_stop else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+    return local_stop
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One training stage on one Ray Train worker."""
+    cfg = from_dict(loop_config["config"])
+    stage = loop_config["stage"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(tc.seed + rank)
+
+    method = build_method(cfg)
+    if loop_config.get("frozen_checkpoint"):
+        # Networks of earlier stages, read-only in this one.
+        load_networks(loop_config["frozen_checkpoint"], {
+            n: method.networks[n] for n in loop_config["frozen_networks"]})
+    names = method.stage_networks(stage)
+    nets = {n: method.networks[n] for n in names}
+    params = [p for n in names for p in nets[n].parameters()]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, nets, optimizer)
+        step = int(state["step"])
+        if rank == 0:
+            print(f"[lotscan train] {stage}: resumed from step {step}", flush=True)
+
+    device = ray.train.torch.get_device()
+    for name in list(nets):
+        nets[name] = ray.train.torch.prepare_model(nets[name])
+    for name, net in method.networks.items():
+        if name not in nets:
+            net.to(device).eval().requires_grad_(False)
+    # Re-home the optimizer state on the training device.
+    for entry in optimizer.state.values():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                entry[key] = value.to(device)
+
+    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank * 7919 + step)
+    shard = ray.train.get_dataset_shard("train")
+    deadline = time.time() + tc.time_budget_minutes * 60.0
+    start, seen, last_log_time, last_log_seen = time.time(), 0, time.time(), 0
+    loss_sum, loss_n = 0.0, 0
+    done = step >= tc.max_steps
+
+    def report(final: bool) -> None:
+        nonlocal loss_sum, loss_n, last_log_time, last_log_seen
+        now = time.time()
+        rate = (seen - last_log_seen) / max(now - last_log_time, 1e-9) * ctx.get_world_size()
+        metrics = {"step": step, "loss": loss_sum / max(loss_n, 1), "images_per_s": rate,
+                   "elapsed_s": now - start, "stage": stage}
+        want_ckpt = final or step % tc.checkpoint_every_steps == 0
+        if rank == 0:
+            print(f"[lotscan train] {stage}: step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
+                  f"{rate:.1f} img/s elapsed {metrics['elapsed_s']:.0f}s", flush=True)
+        if want_ckpt:
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    save_checkpoint(folder, nets, optimizer, {"step": step, "stage": stage,
+                                                               "loss": metrics["loss"]})
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder)
+                                 if rank == 0 else None)
+        else:
+            ray.train.report(metrics)
+        loss_sum, loss_n, last_log_time, last_log_seen = 0.0, 0, now, seen
+
+    if done:
+        report(final=True)  # an already finished stage re-reports its checkpoint
+        return
+    for net in nets.values():
+        net.train()
+    while not done:
+        batches = 0
+        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, dtypes={"image": torch.uint8}):
+            batches += 1
+            x = to_model_input(batch["image"], device)
+            if tc.augment_flips:
+                x = _flip(x, generator)
+            loss = method.training_loss(stage, nets, x, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            seen += x.shape[0]
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            done = _stop_everywhere(step >= tc.max_steps or time.time() > deadline)
+            if done:
+                break
+            if step % tc.log_every_steps == 0 or step % tc.checkpoint_every_steps == 0:
+                report(final=False)
+        if batches == 0:
+            raise RuntimeError("the training data shard of this worker is empty")
+    report(final=True)
+
+
+def _fingerprint(cfg: LotscanConfig, rows: list[dict], stage: str) -> str:
+    """Stages resume only with the same architecture, schedule, training settings
+    and data; anything else starts a fresh run."""
+    relevant = {
+        "method": cfg.method, "stage": stage, "data": cfg.data.image_size,
+        "denoiser": cfg.to_dict()["denoiser"],
+        "train": {k: v for k, v in cfg.to_dict()["train"].items()
+                  if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
+                               "checkpoint_every_steps", "num_workers", "use_gpu")},
+        "data_uris": sorted(r["uri"] for r in rows),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def data_fingerprint(rows: list[dict]) -> str:
+    return hashlib.sha256("\n".join(sorted(r["uri"] for r in rows)).encode()).hexdigest()[:16]
+
+
+def _decoded_dataset(rows: list[dict], cfg: LotscanConfig, log: Log):
+    """Decode once and keep the images in the object store, so epochs and
+    workers read memory, and the trainers need no CPU for data tasks."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_items(rows).map_batches(
+        DecodeBatch(cfg.storage, cfg.data), batch_size=cfg.score.decode_batch_size,
+        batch_format="numpy")
+    ds = ds.materialize()
+    failed = ds.filter(lambda r: bool(r["error"])).take_all()
+    for row in failed:
+        log(f"[lotscan train] skipping unreadable training image: {row['error']}")
+    if failed:
+        ds = ds.filter(lambda r: not r["error"])
+    ds = ds.select_columns(["image"]).materialize()
+    if ds.count() == 0:
+        raise ValueError("no readable training images")
+    return ds
+
+
+def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, rows: list[dict],
+              frozen: tuple[str, list[str]] | None, log: Log) -> str:
+    """Run one stage with Ray Train; returns a local folder with its final checkpoint."""
+    fs, path = pyarrow_filesystem(join(out_uri, "checkpoints"), cfg.storage)
+    name = f"{stage}-{_fingerprint(cfg, rows, stage)}"
+    loop_config = {"config": cfg.to_dict(), "stage": stage}
+    if frozen:
+        loop_config["frozen_checkpoint"], loop_config["frozen_networks"] = frozen
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=path, storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+    log(f"[lotscan train] stage {stage}: Ray Train run {name} "
+        f"({cfg.train.num_workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'})")
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage} finished without a checkpoint")
+    local = tempfile.mkdtemp(prefix=f"lotscan-{stage}-")
+    return result.checkpoint.to_directory(local)
+
+
+def _calibration_task(cfg_dict: dict, blobs: dict[str, bytes], rows: list[dict]) -> dict:
+    from safetensors.torch import load as load_st
+
+    cfg = from_dict(cfg_dict)
+    method = build_method(cfg)
+    for name, blob in blobs.items():
+        method.networks[name].load_state_dict(load_st(blob))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = Scorer(method, device=device, max_forward_batch=cfg.score.batch_size * method.num_units())
+
+    def batches():
+        bs = cfg.score.batch_size
+        for i in range(0, len(rows), bs):
+            images, seeds = [], []
+            for row in rows[i:i + bs]:
+                image, error = decode_one(row["uri"], cfg.storage, cfg.data)
+                if error:
+                    print(f"[lotscan calibrate] skipping {error}", flush=True)
+                    continue
+                images.append(image)
+                seeds.append(content_seed(image))
+            if images:
+                yield np.stack(images), seeds
+
+    return calibrate(scorer, batches()).to_dict()
+
+
+def calibrate_networks(cfg: LotscanConfig, networks: dict[str, torch.nn.Module],
+                       rows: list[dict]) -> Calibration:
+    """Run calibration as a Ray task (on a GPU when training used them)."""
+    from safetensors.torch import save as save_st
+
+    blobs = {n: save_st({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+             for n, net in networks.items()}
+    task = ray.remote(_calibration_task).options(num_gpus=1 if cfg.train.use_gpu else 0, num_cpus=1)
+    return Calibration.from_dict(ray.get(task.remote(cfg.to_dict(), blobs, rows)))
+
+
+def train_bundle(
+    cfg: LotscanConfig,
+    data_uri: str,
+    out_uri: str,
+    categories: list[str] | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train every stage of ``cfg.method``, calibrate, write the bundle."""
+    ensure_ray()
+    rows = list_training_rows(data_uri, cfg.storage, categories)
+    train_rows, calib_rows = split_calibration(rows, cfg.data.calibration_fraction)
+    log(f"[lotscan train] {cfg.method}: {len(train_rows)} training and {len(calib_rows)} "
+        f"calibration images from {data_uri}")
+    ds = _decoded_dataset(train_rows, cfg, log)
+    method = build_method(cfg)
+    started = time.time()
+    frozen: tuple[str, list[str]] | None = None
+    trained: list[str] = []
+    for stage in method.stages:
+        folder = run_stage(cfg, stage, ds, out_uri, train_rows, frozen, log)
+        names = method.stage_networks(stage)
+        load_networks(folder, {n: method.networks[n] for n in names})
+        trained += names
+        state = json.load(open(os.path.join(folder, "state.json")))
+        log(f"[lotscan train] stage {stage} done at step {state['step']} (loss {state['loss']:.4f})")
+        frozen = (folder, list(trained))
+    log(f"[lotscan train] calibrating on {len(calib_rows)} held-out normal images")
+    calibration = calibrate_networks(cfg, method.networks, calib_rows)
+    training = {
+        "data_uri": data_uri,
+        "categories": sorted({r["category"] for r in rows}),
+        "train_images": len(train_rows),
+        "calibration_images": len(calib_rows),
+        "data_fingerprint": data_fingerprint(rows),
+        "steps": int(state["step"]),
+        "wall_clock_s": round(time.time() - started, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    bundle = Bundle(method=method, calibration=calibration, training=training)
+    model_id = save_bundle(bundle, out_uri, cfg.storage)
+    log(f"[lotscan train] wrote bundle {model_id} to {out_uri} "
+        f"(threshold {calibration.threshold:.4f} at normal FPR {calibration.normal_fpr})")
+    return {"model_id": model_id, "calibration": calibration.to_dict(), "training": training}
+
+
+def recalibrate_bundle(source: Bundle, cfg: LotscanConfig, data_uri: str, out_uri: str,
+                       categories: list[str] | None = None, log: Log = print) -> dict[str, Any]:
+    """Reuse a bundle's trained networks under another method or scoring config
+    (``recon`` and ``dta`` share the denoiser), recalibrate, write a new bundle."""
+    ensure_ray()
+    rows = list_training_rows(data_uri, cfg.storage, categories)
+    _, calib_rows = split_calibration(rows, cfg.data.calibration_fraction)
+    method = build_method(cfg, networks=source.method.networks)
+    log(f"[lotscan calibrate] {cfg.method}: calibrating on {len(calib_rows)} held-out normal images")
+    calibration = calibrate_networks(cfg, method.networks, calib_rows)
+    training = {**source.training, "recalibrated_from": source.model_id,
+                "calibration_images": len(calib_rows)}
+    bundle = Bundle(method=method, calibration=calibration, training=training)
+    model_id = save_bundle(bundle, out_uri, cfg.storage)
+    log(f"[lotscan calibrate] wrote bundle {model_id} to {out_uri} "
+        f"(threshold {calibration.threshold:.4f})")
+    return {"model_id": model_id, "calibration": calibration.to_dict(), "training": training}
