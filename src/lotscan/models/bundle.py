@@ -111,12 +111,19 @@ def load_bundle(
     dict) may change scoring settings, never the architecture or method."""
     manifest = read_manifest(read(MANIFEST), where)
     stored = manifest["config"]
-    if overrides:
-        for section in ("method", "denoiser", "data"):
-            if section in overrides and overrides[section] != stored.get(section):
-                raise BundleError(
-                    f"{where}: config section {section!r} is fixed by the trained bundle and cannot be overridden"
-                )
+    for section in ("method", "denoiser", "data"):
+        if section not in (overrides or {}):
+            continue
+        wanted, have = overrides[section], stored.get(section)
+        differs = (
+            {k: v for k, v in wanted.items() if have.get(k) != v}
+            if isinstance(wanted, dict) and isinstance(have, dict) else wanted != have
+        )
+        if differs:
+            raise BundleError(
+                f"{where}: config {section} is fixed by the trained bundle and cannot be "
+                f"overridden (asked for {differs!r})"
+            )
     merged = json.loads(json.dumps(stored))
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):

@@ -1,0 +1,52 @@
+"""``lotscan score``: the nightly lot-scoring job."""
+
+from __future__ import annotations
+
+import argparse
+
+from lotscan.jobs.common import add_config_args, overrides_from_args
+
+HELP = """\
+Score every image under INPUT_URI with the bundle at BUNDLE_URI and write results to OUT_URI.
+
+INPUT_URI is an MVTec-AD-layout root (its test split is scored; labels and masks
+travel with each row, for `lotscan evaluate`), a folder or prefix of images (a
+production lot), or a manifest (.parquet/.csv with `uri` and optional lot_id,
+category, label, mask_uri).
+
+OUT_URI receives results/lot_id=<lot>/*.parquet (score, decision, threshold,
+model, heatmap URI, timings per image), heatmaps/, failures/*.parquet (images
+that could not be read, with the reason), summary.json and report.html.
+Re-running the same command finishes a partial run and never duplicates a row.
+
+Scoring settings (score.*) may be overridden with --config/--set; the method,
+network and image-size settings are fixed by the bundle.
+
+example:
+  lotscan score --model runs/brick-dta --input s3://lots/2026-11-22/ --out s3://scores/2026-11-22 \\
+      --lot-id L2026-11-22 --set score.num_actors=4
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score a lot (batch job on Ray Data)", description=HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, metavar="BUNDLE_URI", help="trained model bundle")
+    p.add_argument("--input", required=True, metavar="INPUT_URI", help="images to score")
+    p.add_argument("--category", action="append", metavar="C",
+                   help="only these categories (repeatable)")
+    p.add_argument("--out", required=True, metavar="OUT_URI", help="where results are written")
+    p.add_argument("--lot-id", metavar="ID", help="lot id for every row (default: from the input)")
+    add_config_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lotscan.platform.lot_scoring import score_lots
+    from lotscan.platform.runtime import ensure_ray
+
+    overrides = overrides_from_args(args)
+    ensure_ray(args.ray_address)
+    score_lots(args.model, args.input, args.out, overrides=overrides, categories=args.category,
+               lot_id=args.lot_id)
+    return 0
