@@ -85,3 +85,37 @@ def demo_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("demo") / "data"
     return make_demo_dataset(str(root), categories=("weave", "speckle"), image_size=32,
                              n_train=8, n_test_good=3, n_test_defect=3, seed=0)
+
+
+# --------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One small local Ray for the whole session (started after the S3 server,
+    so its workers inherit the test credentials)."""
+    import ray
+
+    from lotscan.platform.runtime import ensure_ray
+
+    ensure_ray(num_cpus=2, object_store_memory=200 * 1024 * 1024)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+TINY_MODEL = [
+    "data.image_size=32",
+    "denoiser.block_out_channels=[16, 32]",
+    "train.batch_size=4",
+    "train.log_every_steps=2",
+    "train.checkpoint_every_steps=2",
+    "dta.num_levels=3",
+    "dta.max_noise_level=100",
+    "recon.ddim_steps=2",
+    "score.batch_size=4",
+    "score.smoothing_kernel=3",
+    "score.image_score_pool=3",
+    "data.calibration_fraction=0.25",
+]
+"""Overrides for a model small enough to train and score in seconds on 2 CPUs."""

@@ -23,6 +23,7 @@ DEMO_DEFAULTS = [
     "train.time_budget_minutes=3",
     "train.batch_size=16",
     "train.learning_rate=5e-4",
+    "train.cpus_per_worker=2",
     "dta.num_levels=7",
     "dta.max_noise_level=150",
     "score.batch_size=8",

@@ -78,11 +78,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate)
 
     step = 0
+    resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, nets, optimizer)
-        step = int(state["step"])
+        step = resumed_from = int(state["step"])
         if rank == 0:
             print(f"[lotscan train] {stage}: resumed from step {step}", flush=True)
 
@@ -118,8 +119,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if want_ckpt:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
-                    save_checkpoint(folder, nets, optimizer, {"step": step, "stage": stage,
-                                                               "loss": metrics["loss"]})
+                    save_checkpoint(folder, nets, optimizer, {
+                        "step": step, "stage": stage, "loss": metrics["loss"],
+                        "resumed_from_step": resumed_from})
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder)
                                  if rank == 0 else None)
         else:
@@ -296,6 +298,7 @@ def train_bundle(
         "calibration_images": len(calib_rows),
         "data_fingerprint": data_fingerprint(rows),
         "steps": int(state["step"]),
+        "resumed_from_step": int(state.get("resumed_from_step", 0)),
         "wall_clock_s": round(time.time() - started, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
