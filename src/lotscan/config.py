@@ -145,6 +145,9 @@ class ScoreConfig:
     """Size of the scoring actor pool."""
     num_gpus_per_actor: float | None = None
     """``None``: 1 when the Ray cluster has GPUs, else 0 (CPU actors)."""
+    torch_threads: int = 0
+    """Intra-op threads of each scoring actor; 0 keeps Ray's default (the
+    actor's CPU share). Raise it on CPU-only machines with idle cores."""
     decode_batch_size: int = 16
     smoothing_kernel: int = 5
     """Side of the mean filter applied to every per-pixel signal before

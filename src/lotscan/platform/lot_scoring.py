@@ -97,7 +97,8 @@ class ScoreBatch:
         self.threshold = float(bundle.calibration.threshold)
         self.out_uri = out_uri
         self.storage = self.cfg.storage
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        if self.cfg.score.torch_threads > 0:
+            torch.set_num_threads(self.cfg.score.torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["uri"])

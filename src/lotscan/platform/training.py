@@ -229,6 +229,8 @@ def _calibration_task(cfg_dict: dict, blobs: dict[str, bytes], rows: list[dict])
     from safetensors.torch import load as load_st
 
     cfg = from_dict(cfg_dict)
+    if cfg.score.torch_threads > 0:
+        torch.set_num_threads(cfg.score.torch_threads)
     method = build_method(cfg)
     for name, blob in blobs.items():
         method.networks[name].load_state_dict(load_st(blob))
