@@ -129,3 +129,14 @@ def test_checkpoint_round_trip_restores_optimizer(tmp_path):
         o.step()
     for p, q in zip(net.parameters(), net2.parameters(), strict=True):
         assert torch.allclose(p, q)
+
+
+def test_shipped_default_config_matches_the_code():
+    from pathlib import Path
+
+    import yaml
+
+    from lotscan.config import LotscanConfig
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
+    assert shipped == LotscanConfig().to_dict()
