@@ -26,15 +26,14 @@ for CAT in ${CATEGORIES:-brick grass}; do
     $LOTSCAN calibrate --model "$BASE/dta-t150" --method dta --data "$DATA" --category "$CAT" \
       --out "$BASE/dta-t$T" "${COMMON[@]}" --set dta.max_noise_level="$T"
   done
+  # DTA variant (A) of the paper: intensity trend only (uncertainty weight 0).
+  $LOTSCAN calibrate --model "$BASE/dta-t150" --method dta --data "$DATA" --category "$CAT" \
+    --out "$BASE/dtaA-t150" "${COMMON[@]}" --set dta.uncertainty_weight=0
   # 3. Score the test split and evaluate every variant.
-  for MODEL in "$BASE"/recon-t* "$BASE"/dta-t*; do
+  for MODEL in "$BASE"/recon-t* "$BASE"/dta-t* "$BASE"/dtaA-t*; do
     NAME=$(basename "$MODEL")
     $LOTSCAN score --model "$MODEL" --input "$DATA" --category "$CAT" --out "$BASE/scores/$NAME" \
       --set score.torch_threads=2
     $LOTSCAN evaluate "$BASE/scores/$NAME" | tee "$BASE/scores/$NAME.md"
   done
-  # DTA variant (A): intensity trend only, same bundle, scoring-time weight.
-  $LOTSCAN score --model "$BASE/dta-t150" --input "$DATA" --category "$CAT" \
-    --out "$BASE/scores/dta-t150-A" --set dta.uncertainty_weight=0 --set score.torch_threads=2
-  $LOTSCAN evaluate "$BASE/scores/dta-t150-A" | tee "$BASE/scores/dta-t150-A.md"
 done

@@ -82,8 +82,18 @@ def test_bundle_errors(tmp_path):
     where = str(tmp_path / "b")
     save_bundle(bundle, where, storage)
     # A bundle cannot be re-pointed at another architecture.
-    with pytest.raises(BundleError, match="fixed by the trained bundle"):
+    with pytest.raises(BundleError, match="denoiser.layers_per_block cannot change"):
         open_bundle(where, storage, overrides={"denoiser": {"layers_per_block": 3}})
+    # Nor a setting its calibration depends on.
+    with pytest.raises(BundleError, match="dta.num_levels cannot change"):
+        open_bundle(where, storage, overrides={"dta": {"num_levels": 5}})
+    with pytest.raises(BundleError, match="method cannot change"):
+        open_bundle(where, storage, overrides={"method": "recon"})
+    # The same value as stored is fine (a training config file reused for scoring).
+    assert open_bundle(where, storage, overrides={"dta": {"num_levels": 3}}).config.dta.num_levels == 3
+    # Storage is never taken from the bundle.
+    manifest = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert manifest["config"]["storage"]["endpoint_url"] is None
     # Scoring settings may change.
     assert open_bundle(where, storage, overrides={"score": {"batch_size": 3}}).config.score.batch_size == 3
     # Weights that do not match their checksum are refused.

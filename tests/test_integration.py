@@ -85,7 +85,7 @@ def test_scoring_a_lot_on_s3_with_bad_images_is_idempotent(two_worker_bundle, de
     assert set(reasons) == {"corrupt.png", "truncated.png"}
     assert "corrupt.png" in reasons["corrupt.png"]
     assert "truncat" in reasons["truncated.png"].lower() or "corrupt" in reasons["truncated.png"]
-    parts = st.list_files(f"{out}/results/lot_id=L-22", storage, suffixes=(".parquet",))
+    parts = st.list_files(f"{out}/results/lot=L-22", storage, suffixes=(".parquet",))
     assert parts
     summary = json.loads(st.read_bytes(f"{out}/summary.json", storage))
     assert summary["overall"]["images_scored"] == good

@@ -212,6 +212,14 @@ class LotscanConfig:
             (self.train.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.train.num_workers >= 1, "train.num_workers", "must be >= 1"),
             (self.train.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0"),
+            (self.train.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1"),
+            (self.train.log_every_steps >= 1, "train.log_every_steps", "must be >= 1"),
+            (self.train.learning_rate > 0, "train.learning_rate", "must be > 0"),
+            (self.score.decode_batch_size >= 1, "score.decode_batch_size", "must be >= 1"),
+            (self.score.heatmap_png_max > 0, "score.heatmap_png_max", "must be > 0"),
+            (self.score.torch_threads >= 0, "score.torch_threads", "must be >= 0"),
+            (self.data.max_image_pixels >= 1 and self.data.max_image_bytes >= 1,
+             "data.max_image_pixels/max_image_bytes", "must be >= 1"),
             (
                 self.denoiser.beta_schedule in ("linear", "squaredcos_cap_v2", "scaled_linear"),
                 "denoiser.beta_schedule",
@@ -236,7 +244,7 @@ class LotscanConfig:
             (
                 1 <= self.dta.fourier_index <= self.dta.num_levels // 2,
                 "dta.fourier_index",
-                "must be in [1, (num_levels + 1) // 2]",
+                "must be in [1, num_levels // 2]",
             ),
             (self.score.batch_size >= 1, "score.batch_size", "must be >= 1"),
             (self.score.num_actors >= 1, "score.num_actors", "must be >= 1"),

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_bundle(args.model, first.storage, require_calibration=False)
     stored = source.config.to_dict()
     stored["method"] = args.method
-    cfg = load_config(args.config, args.overrides, base=stored)
+    cfg = load_config(args.config, args.overrides + [f"method={args.method}"], base=stored)
     for section in ("denoiser", "data"):
         if getattr(cfg, section) != getattr(source.config, section):
             raise BundleError(f"{args.model}: config {section} is fixed by the trained networks")

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides_from_args(args)
     cfg = load_config(args.config, args.overrides)
-    report = evaluate_run(args.out_uri, cfg.storage)
+    report = evaluate_run(args.out_uri, cfg.storage, data=cfg.data)
     print(markdown_table(report))
     print(f"\nwritten: {join(args.out_uri, 'metrics.json')}")
     return 0

@@ -14,13 +14,17 @@ travel with each row, for `lotscan evaluate`), a folder or prefix of images (a
 production lot), or a manifest (.parquet/.csv with `uri` and optional lot_id,
 category, label, mask_uri).
 
-OUT_URI receives results/lot_id=<lot>/*.parquet (score, decision, threshold,
+OUT_URI receives results/lot=<lot>/*.parquet (score, decision, threshold,
 model, heatmap URI, timings per image), heatmaps/, failures/*.parquet (images
 that could not be read, with the reason), summary.json and report.html.
 Re-running the same command finishes a partial run and never duplicates a row.
 
-Scoring settings (score.*) may be overridden with --config/--set; the method,
-network and image-size settings are fixed by the bundle.
+Operational settings may be overridden with --config/--set: storage.*,
+score.batch_size, num_actors, num_gpus_per_actor, torch_threads,
+decode_batch_size, heatmap_format, heatmap_png_max, report_top_k and
+data.max_image_pixels/bytes. Everything the calibration depends on (method,
+networks, sweep, smoothing, pooling) is fixed by the bundle: make a new bundle
+with `lotscan calibrate` to change it.
 
 example:
   lotscan score --model runs/brick-dta --input s3://lots/2026-11-22/ --out s3://scores/2026-11-22 \\

@@ -19,13 +19,41 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import lotscan
-from lotscan.config import ConfigError, LotscanConfig, from_dict
+from lotscan.config import ConfigError, LotscanConfig, StorageConfig, from_dict
 from lotscan.models.method import AnomalyMethod
 from lotscan.models.registry import build_method
 from lotscan.models.scoring import Calibration
 
 BUNDLE_FORMAT = 1
 MANIFEST = "bundle.json"
+
+# What may differ at scoring time from the config a bundle was calibrated with.
+# Everything else (method, networks, sweep, smoothing, pooling, calibration)
+# changes what the stored ranges and threshold mean: use `lotscan calibrate`.
+SCORING_OVERRIDES: dict[str, set[str] | None] = {
+    "storage": None,  # any field: storage is where this deployment runs
+    "train": None,  # ignored when scoring
+    "score": {"batch_size", "num_actors", "num_gpus_per_actor", "torch_threads",
+              "decode_batch_size", "heatmap_format", "heatmap_png_max", "report_top_k"},
+    "data": {"max_image_pixels", "max_image_bytes"},
+}
+
+
+def _check_overrides(stored: dict[str, Any], overrides: dict[str, Any], where: str) -> None:
+    for section, wanted in overrides.items():
+        have = stored.get(section)
+        if isinstance(wanted, dict) and isinstance(have, dict):
+            allowed = SCORING_OVERRIDES.get(section, set())
+            changed = [k for k, v in wanted.items() if have.get(k) != v
+                       and allowed is not None and k not in allowed]
+        else:
+            changed = [] if wanted == have or SCORING_OVERRIDES.get(section, set()) is None else [""]
+        if changed:
+            keys = ", ".join(f"{section}.{k}" if k else section for k in changed)
+            raise BundleError(
+                f"{where}: {keys} cannot change at scoring time: the bundle's calibration was "
+                f"measured with the stored value (use `lotscan calibrate` to make a bundle for it)"
+            )
 
 
 class BundleError(ValueError):
@@ -76,7 +104,8 @@ def bundle_files(bundle: Bundle) -> dict[str, bytes]:
         "method": cfg.method,
         "model_id": model_id,
         "image_size": cfg.data.image_size,
-        "config": cfg.to_dict(),
+        # Storage is a property of a deployment, not of a model: never stored.
+        "config": {**cfg.to_dict(), "storage": StorageConfig().__dict__},
         "calibration": bundle.calibration.to_dict() if bundle.calibration else None,
         "networks": networks,
         "training": bundle.training,
@@ -111,20 +140,9 @@ def load_bundle(
     dict) may change scoring settings, never the architecture or method."""
     manifest = read_manifest(read(MANIFEST), where)
     stored = manifest["config"]
-    for section in ("method", "denoiser", "data"):
-        if section not in (overrides or {}):
-            continue
-        wanted, have = overrides[section], stored.get(section)
-        differs = (
-            {k: v for k, v in wanted.items() if have.get(k) != v}
-            if isinstance(wanted, dict) and isinstance(have, dict) else wanted != have
-        )
-        if differs:
-            raise BundleError(
-                f"{where}: config {section} is fixed by the trained bundle and cannot be "
-                f"overridden (asked for {differs!r})"
-            )
+    _check_overrides(stored, overrides or {}, where)
     merged = json.loads(json.dumps(stored))
+    merged["storage"] = {}  # a bundle never decides where this job reads and writes
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             merged.setdefault(key, {}).update(value)
@@ -143,6 +161,8 @@ def load_bundle(
         raise BundleError(f"{where}: method {cfg.method} needs networks {sorted(expected)}, bundle has {sorted(present)}")
     for name, net in method.networks.items():
         entry = manifest["networks"][name]
+        if entry.get("file") != f"{name}.safetensors":
+            raise BundleError(f"{where}: network {name} must be stored as {name}.safetensors")
         blob = read(entry["file"])
         if entry.get("sha256") and hashlib.sha256(blob).hexdigest() != entry["sha256"]:
             raise BundleError(f"{where}: {entry['file']} does not match the checksum in bundle.json")

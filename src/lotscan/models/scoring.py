@@ -138,10 +138,10 @@ class Scorer:
 
 
 def _subsample(values: np.ndarray, limit: int) -> np.ndarray:
+    """A seeded uniform subset (a strided one would align with image columns)."""
     if values.size <= limit:
         return values
-    step = int(np.ceil(values.size / limit))
-    return values[::step]
+    return np.random.default_rng(0).choice(values, size=limit, replace=False)
 
 
 def calibrate(scorer: Scorer, batches: Iterable[tuple[np.ndarray, Sequence[int]]]) -> Calibration:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lotscan.config import StorageConfig
+from lotscan.config import DataConfig, StorageConfig
 from lotscan.models.metrics import evaluate_all
-from lotscan.platform.images import decode_mask
+from lotscan.platform.images import IMAGE_FORMATS, decode_mask
 from lotscan.platform.lot_scoring import read_heatmap, read_table
 from lotscan.platform.storage import join, read_bytes, write_bytes
 
@@ -32,8 +32,9 @@ class EvaluationError(ValueError):
     pass
 
 
-def _image_size(uri: str, storage: StorageConfig) -> tuple[int, int]:
-    with Image.open(io.BytesIO(read_bytes(uri, storage))) as img:
+def _image_size(uri: str, storage: StorageConfig, data: DataConfig) -> tuple[int, int]:
+    raw = read_bytes(uri, storage, max_bytes=data.max_image_bytes)
+    with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as img:
         return img.size[1], img.size[0]
 
 
@@ -44,7 +45,9 @@ def _upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].double().numpy()
 
 
-def evaluate_run(out_uri: str, storage: StorageConfig, fpr_limit: float = 0.3, log: Log = print) -> dict[str, Any]:
+def evaluate_run(out_uri: str, storage: StorageConfig, fpr_limit: float = 0.3, log: Log = print,
+                 data: DataConfig | None = None) -> dict[str, Any]:
+    data = data or DataConfig()
     results = read_table(out_uri, "results", storage)
     if results.empty:
         raise EvaluationError(f"{out_uri}: no scored results to evaluate")
@@ -53,17 +56,19 @@ def evaluate_run(out_uri: str, storage: StorageConfig, fpr_limit: float = 0.3, l
         raise EvaluationError(
             f"{out_uri}: the scored images carry no ground truth (labels); score an MVTec-layout "
             "input or a manifest with a label column")
+    failures = read_table(out_uri, "failures", storage)
     per_category: dict[str, dict[str, Any]] = {}
     for category, frame in labelled.groupby("category", sort=True):
         masks, maps = [], []
         for row in frame.itertuples():
             heatmap = read_heatmap(row.heatmap_uri, storage, float(row.heatmap_max))
             if row.mask_uri:
-                mask = decode_mask(read_bytes(row.mask_uri, storage), None, row.mask_uri, 10**8)
+                raw = read_bytes(row.mask_uri, storage, max_bytes=data.max_image_bytes)
+                mask = decode_mask(raw, None, row.mask_uri, data.max_image_pixels)
             else:
                 if int(row.label) == 1:
                     log(f"[lotscan evaluate] warning: defective image without mask: {row.uri}")
-                mask = np.zeros(_image_size(row.uri, storage), dtype=bool)
+                mask = np.zeros(_image_size(row.uri, storage, data), dtype=bool)
             masks.append(mask)
             maps.append(_upsample(heatmap, mask.shape))
         labels = frame["label"].astype(int).to_numpy()
@@ -72,6 +77,8 @@ def evaluate_run(out_uri: str, storage: StorageConfig, fpr_limit: float = 0.3, l
         per_category[str(category) or "(none)"] = {
             **{k: float(metrics[k]) for k in METRICS},
             "images": int(len(frame)), "defective": int((labels == 1).sum()),
+            # Unreadable images are not in the metrics: say how many there were.
+            "failed": int((failures["category"].astype(str) == str(category)).sum()),
         }
     mean = {k: _nanmean([m[k] for m in per_category.values()]) for k in METRICS}
     report = {
@@ -106,10 +113,13 @@ def markdown_table(report: dict[str, Any]) -> str:
     def fmt(v: float) -> str:
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
-    lines = ["| category | images | image AUROC | pixel AUROC | pixel AP | AU-PRO@0.3 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| category | images | failed | image AUROC | pixel AUROC | pixel AP | AU-PRO@0.3 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cat, m in report["categories"].items():
-        lines.append(f"| {cat} | {m['images']} | " + " | ".join(fmt(m[k]) for k in METRICS) + " |")
+        lines.append(f"| {cat} | {m['images']} | {m['failed']} | "
+                     + " | ".join(fmt(m[k]) for k in METRICS) + " |")
     total = sum(m["images"] for m in report["categories"].values())
-    lines.append(f"| **mean** | {total} | " + " | ".join(fmt(report["mean"][k]) for k in METRICS) + " |")
+    failed = sum(m["failed"] for m in report["categories"].values())
+    lines.append(f"| **mean** | {total} | {failed} | "
+                 + " | ".join(fmt(report["mean"][k]) for k in METRICS) + " |")
     return "\n".join(lines)

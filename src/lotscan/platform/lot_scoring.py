@@ -6,7 +6,7 @@ heatmaps, failures -> lot summary JSON and HTML report.
 
 Output layout under ``OUT``::
 
-    results/lot_id=<lot>/part-<hash>.parquet   one row per scored image
+    results/lot=<lot>/part-<hash>.parquet      one row per scored image
     failures/part-<hash>.parquet               images that could not be read
     heatmaps/<lot>/<image_id>.npy|.png         per-pixel anomaly maps
     summary.json, report.html                  rebuilt from all rows after each run
@@ -35,6 +35,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from lotscan.config import LotscanConfig, StorageConfig
+from lotscan.models.bundle import BundleError
 from lotscan.models.scoring import Scorer
 from lotscan.platform.bundles import open_bundle
 from lotscan.platform.decode import DecodeBatch
@@ -115,6 +116,9 @@ class ScoreBatch:
             per_image_ms = (time.perf_counter() - start) * 1000.0 / len(idx)
             fmt = self.cfg.score.heatmap_format
             for j, i in enumerate(idx):
+                if not np.isfinite(result.image_scores[j]):
+                    errors[i] = f"{batch['uri'][i]}: the model produced a non-finite score"
+                    continue
                 score[i] = result.image_scores[j]
                 decision[i] = bool(result.decisions[j])
                 score_ms[i] = per_image_ms
@@ -161,7 +165,8 @@ def write_rows(out: pd.DataFrame, out_uri: str, storage: StorageConfig) -> tuple
     results = out.loc[~failed, RESULT_COLUMNS]
     failures = out.loc[failed].assign(failed_at=out.loc[failed, "scored_at"])[FAILURE_COLUMNS]
     for lot, frame in results.groupby("lot_id", sort=True):
-        folder = join(out_uri, "results", f"lot_id={safe_key(str(lot))}")
+        # "lot=", not "lot_id=": a hive key equal to a column name breaks readers.
+        folder = join(out_uri, "results", f"lot={safe_key(str(lot))}")
         _write_parquet(frame, join(folder, _part_name(list(frame["image_id"]))), storage)
     if len(failures):
         _write_parquet(failures, join(out_uri, "failures", _part_name(list(failures["image_id"]))),
@@ -177,7 +182,12 @@ def read_table(out_uri: str, kind: str, storage: StorageConfig) -> pd.DataFrame:
     columns = RESULT_COLUMNS if kind == "results" else FAILURE_COLUMNS
     if not frames:
         return pd.DataFrame(columns=columns)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    # Two overlapping runs (a retried job beside a live one) may both have
+    # written an image: keep its latest row.
+    stamp = "scored_at" if kind == "results" else "failed_at"
+    table = table.sort_values(stamp, kind="stable").drop_duplicates("image_id", keep="last")
+    return table.sort_values(["lot_id", "uri"], kind="stable").reset_index(drop=True)
 
 
 def _worst_images(results: pd.DataFrame, cfg: LotscanConfig) -> list[dict[str, Any]]:
@@ -225,8 +235,13 @@ def score_lots(
     bundle = open_bundle(model_uri, _storage(overrides), overrides=overrides)
     cfg = bundle.config
     rows = list_scoring_rows(input_uri, cfg.storage, categories, lot_id)
-    done = set(read_table(out_uri, "results", cfg.storage)["image_id"]) | set(
-        read_table(out_uri, "failures", cfg.storage)["image_id"])
+    existing = read_table(out_uri, "results", cfg.storage)
+    other_models = sorted(set(existing["model_id"].astype(str)) - {bundle.model_id})
+    if other_models:
+        raise BundleError(
+            f"{out_uri}: already holds results of model {', '.join(other_models)}; "
+            f"write results of {bundle.model_id} to another output URI")
+    done = set(existing["image_id"]) | set(read_table(out_uri, "failures", cfg.storage)["image_id"])
     todo = [r for r in rows if r["image_id"] not in done]
     log(f"[lotscan score] {cfg.method} model {bundle.model_id}: {len(rows)} images listed, "
         f"{len(rows) - len(todo)} already scored under {out_uri}, {len(todo)} to score")

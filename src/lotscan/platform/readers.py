@@ -207,7 +207,12 @@ def detect_layout(uri: str, storage: StorageConfig) -> str:
 
 
 def _resolve(ref: str, base_dir: str) -> str:
-    """A manifest entry -> URI; relative entries are taken from ``base_dir``."""
+    """A manifest entry -> URI; relative entries are taken from ``base_dir``.
+    A manifest in object storage may not point at local files: it would make
+    workers read (and the report embed) files of the machines they run on."""
+    if st.is_remote(base_dir) and ("://" not in ref or ref.startswith("file://")) \
+            and (ref.startswith("/") or ref.startswith("file://")):
+        raise InputError(f"{ref}: a manifest in object storage cannot list local files")
     if "://" in ref:
         if ref.startswith("file://"):
             return os.path.normpath(ref[len("file://"):])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import uuid
 from functools import lru_cache
 
 import fsspec
@@ -88,10 +89,21 @@ def read_bytes(uri: str, storage: StorageConfig, max_bytes: int | None = None) -
 
 
 def write_bytes(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Write a whole object. Local files are written to a temporary name and
+    renamed, so a crash never leaves a truncated file (S3 PUTs are atomic)."""
     fs, path = filesystem(uri, storage)
     try:
         if not is_remote(uri):
-            fs.makedirs(posixpath.dirname(path) if "/" in path else ".", exist_ok=True)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return
         with fs.open(path, "wb") as f:
             f.write(data)
     except Exception as err:
@@ -131,7 +143,7 @@ def list_files(uri: str, storage: StorageConfig, suffixes: tuple[str, ...] | Non
     out = []
     for p in found:
         name = posixpath.basename(p)
-        if name.startswith("."):
+        if name.startswith(".") or ".tmp-" in name:
             continue
         if suffixes and not name.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue

@@ -49,10 +49,11 @@ def _flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(v.view(-1, 1, 1, 1).to(images.device), images.flip(-2), images)
 
 
-def _stop_everywhere(local_stop: bool) -> bool:
-    """All workers stop at the same step (else a data-parallel all-reduce hangs)."""
+def _stop_everywhere(local_stop: bool, device: torch.device) -> bool:
+    """All workers stop at the same step (else a data-parallel all-reduce hangs).
+    The flag lives on the training device: NCCL reduces only CUDA tensors."""
     if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([1.0 if local_stop else 0.0])
+        flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
     return local_stop
@@ -104,13 +105,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     deadline = time.time() + tc.time_budget_minutes * 60.0
     start, seen, last_log_time, last_log_seen = time.time(), 0, time.time(), 0
     loss_sum, loss_n = 0.0, 0
+    last_loss = float(state["loss"]) if checkpoint is not None else float("nan")
     done = step >= tc.max_steps
 
     def report(final: bool) -> None:
-        nonlocal loss_sum, loss_n, last_log_time, last_log_seen
+        nonlocal loss_sum, loss_n, last_log_time, last_log_seen, last_loss
         now = time.time()
         rate = (seen - last_log_seen) / max(now - last_log_time, 1e-9) * ctx.get_world_size()
-        metrics = {"step": step, "loss": loss_sum / max(loss_n, 1), "images_per_s": rate,
+        if loss_n:
+            last_loss = loss_sum / loss_n
+        metrics = {"step": step, "loss": last_loss, "images_per_s": rate,
                    "elapsed_s": now - start, "stage": stage}
         want_ckpt = final or step % tc.checkpoint_every_steps == 0
         if rank == 0:
@@ -148,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen += x.shape[0]
             loss_sum += float(loss.detach())
             loss_n += 1
-            done = _stop_everywhere(step >= tc.max_steps or time.time() > deadline)
+            done = _stop_everywhere(step >= tc.max_steps or time.time() > deadline, device)
             if done:
                 break
             if step % tc.log_every_steps == 0 or step % tc.checkpoint_every_steps == 0:
@@ -166,7 +170,8 @@ def _fingerprint(cfg: LotscanConfig, rows: list[dict], stage: str) -> str:
         "denoiser": cfg.to_dict()["denoiser"],
         "train": {k: v for k, v in cfg.to_dict()["train"].items()
                   if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
-                               "checkpoint_every_steps", "num_workers", "use_gpu")},
+                               "checkpoint_every_steps", "num_workers", "use_gpu",
+                               "cpus_per_worker")},
         "data_uris": sorted(r["uri"] for r in rows),
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]

@@ -66,10 +66,15 @@ class DTAMethod(DenoiserMethod):
         x0 = images.unsqueeze(1).expand(b, levels, c, h, w).reshape(b * levels, c, h, w)
         t = timesteps.repeat(b)
         x_t = self.schedule.add_noise(x0, noise.reshape(b * levels, c, h, w), t).detach()
-        with torch.enable_grad():
-            x_t.requires_grad_(True)
+        if cfg.uncertainty_weight == 0:  # variant (A): the gradient would go unused
             pred = predict_x0(self.eps_model(), self.schedule, x_t, t, cfg.x0_prediction, cfg.ddim_steps)
-            (grad,) = torch.autograd.grad(pred.sum(), x_t)
+            grad = torch.zeros_like(x_t)
+        else:
+            with torch.enable_grad():
+                x_t.requires_grad_(True)
+                pred = predict_x0(self.eps_model(), self.schedule, x_t, t, cfg.x0_prediction,
+                                  cfg.ddim_steps)
+                (grad,) = torch.autograd.grad(pred.sum(), x_t)
         pred = pred.detach().view(b, levels, c, h, w)
         uncertainty = grad.abs().view(b, levels, c, h, w)
         # Entry 0 of the intensity sequence is the input image itself.
