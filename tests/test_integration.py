@@ -16,8 +16,9 @@ from PIL import Image
 from conftest import TINY_MODEL, upload_tree
 from lotscan.config import load_config
 from lotscan.jobs.cli import main
+from lotscan.models.bundle import BundleError
 from lotscan.platform import storage as st
-from lotscan.platform.bundles import open_bundle
+from lotscan.platform.bundles import open_bundle, save_bundle
 from lotscan.platform.lot_scoring import read_table, score_lots
 from lotscan.platform.training import train_bundle
 
@@ -96,6 +97,13 @@ def test_scoring_a_lot_on_s3_with_bad_images_is_idempotent(two_worker_bundle, de
     assert second["scored"] == 0 and second["failed"] == 0
     assert len(read_table(out, "results", storage)) == good
     assert len(read_table(out, "failures", storage)) == 2
+
+    # Results of another model are never mixed into the same output.
+    other = open_bundle(bundle_dir, storage)
+    other.calibration.threshold += 1.0
+    save_bundle(other, f"{bucket}/models/other", storage)
+    with pytest.raises(BundleError, match="already holds results of model"):
+        score_lots(f"{bucket}/models/other", lot, out, overrides=overrides, lot_id="L-22")
 
     # A partial run is completed: drop one part file and re-run.
     victim = parts[0]

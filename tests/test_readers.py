@@ -367,3 +367,12 @@ def test_split_calibration_on_listed_rows(demo_root):
     assert split_calibration(rows, 0.1) == (train, calib)
     with pytest.raises(ValueError, match="fraction"):
         split_calibration(rows, 1.0)
+
+
+def test_remote_manifest_cannot_list_local_files(s3_storage):
+    storage, bucket = s3_storage
+    for entry in ("/etc/hostname", "file:///etc/hostname"):
+        manifest = st.join(bucket, "m.csv")
+        st.write_bytes(manifest, f"uri\n{entry}\n".encode(), storage)
+        with pytest.raises(InputError, match="cannot list local files"):
+            list_scoring_rows(manifest, storage)
