@@ -98,7 +98,7 @@ def ray_local(s3_server):
 
     from lotscan.platform.runtime import ensure_ray
 
-    ensure_ray(num_cpus=2, object_store_memory=200 * 1024 * 1024)
+    ensure_ray(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
