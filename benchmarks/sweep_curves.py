@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from lotscan.config import StorageConfig
 from lotscan.models.diffusion import tweedie_x0
-from lotscan.models.metrics import pixel_ap, pixel_auroc
 from lotscan.models.method import unit_noise
+from lotscan.models.metrics import pixel_ap, pixel_auroc
 from lotscan.models.reduction import FourierTrend
 from lotscan.models.scoring import mean_filter, to_model_input
 from lotscan.platform.bundles import open_bundle
