@@ -1,7 +1,7 @@
 """One configuration object for every entry point.
 
 The same :class:`LotscanConfig` is read by the CLI, the Ray Train workers, the
-Ray Data scoring actors and (later) the Serve app, and it is stored inside every
+Ray Data scoring actors and the Serve app, and it is stored inside every
 model bundle. It is a tree of plain dataclasses so that it serialises to JSON
 and YAML without custom code, and every field has a default that works on a
 laptop (2 CPU cores, no GPU).
@@ -174,6 +174,65 @@ class CalibrationConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The online scoring endpoint (``lotscan serve``, a Ray Serve app). Like
+    ``storage``, these settings belong to a deployment, not to a model: the
+    values a bundle was stored with are never used, only those given to
+    ``lotscan serve`` (``--config``/``--set``) or in the Serve config's ``args``."""
+
+    host: str = "127.0.0.1"
+    """Address ``lotscan serve`` binds its HTTP proxy to; ``0.0.0.0`` accepts
+    other machines (with ``serve deploy`` the Serve config's ``http_options`` decide)."""
+    port: int = 8000
+    num_replicas: int = 1
+    """Model replicas when autoscaling is off. Each holds the bundle once."""
+    autoscaling: bool = False
+    """Scale model replicas between min_replicas and max_replicas on load."""
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target of requests per model replica (about max_batch_size)."""
+    num_gpus_per_replica: float | None = None
+    """``None``: 1 when the Ray cluster has GPUs, else 0 (CPU replicas)."""
+    num_cpus_per_replica: float = 1.0
+    torch_threads: int = 0
+    """Intra-op threads of each model replica; 0 keeps Ray's default."""
+    max_batch_size: int = 8
+    """Most images one model call scores together (Serve dynamic batching)."""
+    batch_wait_timeout_s: float = 0.01
+    """Longest a request waits for others to fill a batch (latency vs throughput)."""
+    max_ongoing_requests: int = 32
+    """Requests one model replica holds at once (in or waiting for a batch);
+    at least max_batch_size, or batches cannot fill."""
+    max_queued_requests: int = 64
+    """Requests waiting for a free model replica; more are refused with 503
+    and Retry-After (back-pressure). -1: no limit."""
+    retry_after_s: int = 1
+    """Seconds in the Retry-After header of a 503."""
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.25
+    """CPU of each HTTP ingress replica (auth, body checks, image decode)."""
+    ingress_max_ongoing_requests: int = 256
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Largest request body; larger is 413. ``data.max_image_bytes`` and
+    ``data.max_image_pixels`` apply too."""
+    request_timeout_s: float = 30.0
+    """A request not scored in this time gets 504."""
+    health_probe_interval_s: float = 60.0
+    """Serve health checks score a probe image when the model has not scored
+    for this long, or after a failed call: a replica that cannot score is
+    restarted."""
+    auth_token_env: str = "LOTSCAN_SERVE_TOKEN"
+    """Environment variable holding the bearer token; unset or empty: no token
+    from the environment. The token is never read from the config or command line."""
+    auth_token_file: str | None = None
+    """File holding the bearer token (e.g. a mounted Kubernetes secret); wins
+    over auth_token_env. With neither, the API is open."""
+    require_auth: bool = False
+    """Refuse to start without a token (for production)."""
+
+
+@dataclass
 class LotscanConfig:
     method: str = "dta"
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -184,6 +243,7 @@ class LotscanConfig:
     dta: DTAConfig = field(default_factory=DTAConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,6 +318,28 @@ class LotscanConfig:
                 "calibration.low_quantile/high_quantile",
                 "need 0 <= low < high <= 1",
             ),
+            (1 <= self.serve.port <= 65535, "serve.port", "must be in [1, 65535]"),
+            (self.serve.num_replicas >= 1, "serve.num_replicas", "must be >= 1"),
+            (0 <= self.serve.min_replicas <= self.serve.max_replicas and self.serve.max_replicas >= 1,
+             "serve.min_replicas/max_replicas", "need 0 <= min_replicas <= max_replicas, max_replicas >= 1"),
+            (self.serve.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be > 0"),
+            (self.serve.num_gpus_per_replica is None or self.serve.num_gpus_per_replica >= 0,
+             "serve.num_gpus_per_replica", "must be >= 0"),
+            (self.serve.num_cpus_per_replica >= 0, "serve.num_cpus_per_replica", "must be >= 0"),
+            (self.serve.torch_threads >= 0, "serve.torch_threads", "must be >= 0"),
+            (self.serve.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1"),
+            (self.serve.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s", "must be >= 0"),
+            (self.serve.max_ongoing_requests >= self.serve.max_batch_size,
+             "serve.max_ongoing_requests", "must be >= serve.max_batch_size"),
+            (self.serve.max_queued_requests == -1 or self.serve.max_queued_requests >= 1,
+             "serve.max_queued_requests", "must be >= 1, or -1 for no limit"),
+            (self.serve.retry_after_s >= 0, "serve.retry_after_s", "must be >= 0"),
+            (self.serve.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
+            (self.serve.ingress_num_cpus >= 0, "serve.ingress_num_cpus", "must be >= 0"),
+            (self.serve.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be >= 1"),
+            (self.serve.max_request_bytes >= 1, "serve.max_request_bytes", "must be >= 1"),
+            (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
+            (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -16,6 +16,7 @@ lotscan finds defects in images of production lots with diffusion models, on Ray
   lotscan score    --model BUNDLE_URI --input INPUT_URI --out OUT_URI
   lotscan evaluate OUT_URI
   lotscan bench    --model BUNDLE_URI             scoring throughput on this machine
+  lotscan serve    --model BUNDLE_URI             online scoring endpoint (Ray Serve, HTTP)
 
 URIs are local paths or s3://bucket/prefix (endpoint: --set storage.endpoint_url=...
 or AWS_ENDPOINT_URL; credentials: the usual AWS_* variables). Run `lotscan CMD --help`.
@@ -23,14 +24,14 @@ or AWS_ENDPOINT_URL; credentials: the usual AWS_* variables). Run `lotscan CMD -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lotscan.jobs import bench, calibrate, demo, evaluate, score, train
+    from lotscan.jobs import bench, calibrate, demo, evaluate, score, serve, train
 
     parser = argparse.ArgumentParser(
         prog="lotscan", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"lotscan {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (demo, train, calibrate, score, evaluate, bench):
+    for module in (demo, train, calibrate, score, evaluate, bench, serve):
         module.register(sub)
     return parser
 

@@ -36,6 +36,7 @@ SCORING_OVERRIDES: dict[str, set[str] | None] = {
     "score": {"batch_size", "num_actors", "num_gpus_per_actor", "torch_threads",
               "decode_batch_size", "heatmap_format", "heatmap_png_max", "report_top_k"},
     "data": {"max_image_pixels", "max_image_bytes"},
+    "serve": None,  # any field: how the endpoint runs, not what it computes
 }
 
 
