@@ -101,6 +101,7 @@ def test_scoring_a_lot_on_s3_with_bad_images_is_idempotent(two_worker_bundle, de
     # Results of another model are never mixed into the same output.
     other = open_bundle(bundle_dir, storage)
     other.calibration.threshold += 1.0
+    other.model_id = ""  # a new id from the new contents
     save_bundle(other, f"{bucket}/models/other", storage)
     with pytest.raises(BundleError, match="already holds results of model"):
         score_lots(f"{bucket}/models/other", lot, out, overrides=overrides, lot_id="L-22")
