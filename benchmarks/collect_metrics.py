@@ -18,7 +18,8 @@ def describe(bundle: dict) -> str:
         return f"recon, t={cfg['recon']['noise_level']} ({cfg['recon']['x0_prediction']} {cfg['recon']['ddim_steps']} steps)"
     d = cfg["dta"]
     variant = "A, intensity only" if d["uncertainty_weight"] == 0 else f"B, w={d['uncertainty_weight']:g}"
-    return f"dta ({variant}), levels 0..{d['max_noise_level']}, K={d['num_levels']}, {d['x0_prediction']}"
+    x0 = "tweedie" if d["x0_prediction"] == "tweedie" else f"ddim {d['ddim_steps']} steps"
+    return f"dta ({variant}), levels 0..{d['max_noise_level']}, K={d['num_levels']}, {x0}"
 
 
 def main(root: str) -> None:
@@ -33,7 +34,8 @@ def main(root: str) -> None:
             steps = bundle["training"].get("steps")
             cfg = bundle["config"]
             level = cfg["recon"]["noise_level"] if cfg["method"] == "recon" else cfg["dta"]["max_noise_level"]
-            key = (cat, steps, cfg["method"] != "recon", cfg["dta"]["uncertainty_weight"], level)
+            key = (cat, steps, cfg["method"] != "recon", cfg["dta"]["uncertainty_weight"], level,
+                   cfg["dta"]["x0_prediction"])
             rows.append((key, f"| {cat} | {steps} | {describe(bundle)} | {values} |"))
     print("| category | training steps | variant | image AUROC | pixel AUROC | pixel AP | AU-PRO@0.3 |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
