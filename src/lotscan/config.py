@@ -444,12 +444,9 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_config(
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> LotscanConfig:
-    """Defaults <- ``base`` (e.g. a bundle's stored config) <- YAML file <- overrides."""
+def read_overrides(path: str | Path | None = None, overrides: list[str] | None = None,
+                   base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` <- YAML file <- ``--set`` overrides, as a nested dict (not yet validated)."""
     data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
     if path is not None:
         p = Path(path)
@@ -464,4 +461,18 @@ def load_config(
         _deep_update(data, loaded)
     for text in overrides or []:
         _deep_update(data, parse_override(text))
-    return from_dict(data).validate()
+    return data
+
+
+def storage_config(overrides: dict[str, Any]) -> StorageConfig:
+    """The storage section of a nested override dict (defaults for what it leaves out)."""
+    return from_dict({"storage": overrides.get("storage", {})}).storage
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> LotscanConfig:
+    """Defaults <- ``base`` (e.g. a bundle's stored config) <- YAML file <- overrides."""
+    return from_dict(read_overrides(path, overrides, base)).validate()

@@ -37,16 +37,16 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from lotscan.config import storage_config
     from lotscan.jobs.common import overrides_from_args
     from lotscan.models.scoring import Scorer
     from lotscan.platform.bundles import open_bundle
-    from lotscan.platform.lot_scoring import _storage
 
     overrides = overrides_from_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    bundle = open_bundle(args.model, _storage(overrides), overrides=overrides)
+    bundle = open_bundle(args.model, storage_config(overrides), overrides=overrides)
     cfg = bundle.config
     size = cfg.data.image_size
     rng = np.random.default_rng(0)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lotscan.config import ConfigError, LotscanConfig, _deep_update, load_config, parse_override
+from lotscan.config import LotscanConfig, from_dict, load_config, read_overrides
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -31,16 +28,6 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Lot
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config file and ``--set`` values as a nested dict, to apply on top of a
     bundle's stored config (scoring settings only)."""
-    data: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-        _deep_update(data, loaded)
-    for text in args.overrides:
-        _deep_update(data, parse_override(text))
-    load_config(overrides=None, base=data)  # validates keys and types early
+    data = read_overrides(args.config, args.overrides)
+    from_dict(data).validate()  # unknown keys and wrong types fail here, early
     return data

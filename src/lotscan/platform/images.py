@@ -139,6 +139,17 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
+def _decode_rgb(data: bytes, name: str, max_pixels: int) -> np.ndarray:
+    """Open with every check, convert to an RGB uint8 array."""
+    img = _open(data, name, max_pixels)
+    try:
+        return _to_rgb_array(img)
+    except Exception as err:
+        raise ImageDecodeError(
+            f"{name}: could not convert mode {img.mode!r} to RGB ({type(err).__name__}: {err})"
+        ) from err
+
+
 def decode_image(data: bytes, size: int, name: str, max_pixels: int) -> np.ndarray:
     """Decode ``data`` to a ``uint8`` array of shape ``(size, size, 3)`` (RGB).
 
@@ -153,13 +164,7 @@ def decode_image(data: bytes, size: int, name: str, max_pixels: int) -> np.ndarr
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    img = _open(data, name, max_pixels)
-    try:
-        rgb = _to_rgb_array(img)
-    except Exception as err:
-        raise ImageDecodeError(
-            f"{name}: could not convert mode {img.mode!r} to RGB ({type(err).__name__}: {err})"
-        ) from err
+    rgb = _decode_rgb(data, name, max_pixels)
     if rgb.shape[0] != size or rgb.shape[1] != size:
         resized = Image.fromarray(rgb, "RGB").resize((size, size), Image.Resampling.BILINEAR)
         rgb = np.asarray(resized, dtype=np.uint8).copy()
@@ -176,13 +181,7 @@ def decode_mask(
     and coloured masks all work. ``size`` is ``(height, width)``; when given,
     the mask is resized with nearest-neighbour sampling (no new values appear).
     """
-    img = _open(data, name, max_pixels)
-    try:
-        rgb = _to_rgb_array(img)
-    except Exception as err:
-        raise ImageDecodeError(
-            f"{name}: could not convert mode {img.mode!r} ({type(err).__name__}: {err})"
-        ) from err
+    rgb = _decode_rgb(data, name, max_pixels)
     mask = rgb.max(axis=2) > 127
     if size is not None:
         height, width = int(size[0]), int(size[1])

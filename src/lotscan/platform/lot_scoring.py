@@ -34,7 +34,7 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy
 
-from lotscan.config import LotscanConfig, StorageConfig
+from lotscan.config import LotscanConfig, StorageConfig, storage_config
 from lotscan.models.bundle import BundleError
 from lotscan.models.scoring import Scorer
 from lotscan.platform.bundles import open_bundle
@@ -88,7 +88,7 @@ class ScoreBatch:
     their heatmaps, returns only the result columns."""
 
     def __init__(self, model_uri: str, overrides: dict, out_uri: str):
-        bundle = open_bundle(model_uri, _storage(overrides), overrides=overrides)
+        bundle = open_bundle(model_uri, storage_config(overrides), overrides=overrides)
         self.cfg = bundle.config
         device = "cuda" if torch.cuda.is_available() else "cpu"
         units = bundle.method.num_units()
@@ -232,7 +232,7 @@ def score_lots(
     """Score every image under ``input_uri`` that ``out_uri`` has no row for yet."""
     overrides = overrides or {}
     ensure_ray()
-    bundle = open_bundle(model_uri, _storage(overrides), overrides=overrides)
+    bundle = open_bundle(model_uri, storage_config(overrides), overrides=overrides)
     cfg = bundle.config
     rows = list_scoring_rows(input_uri, cfg.storage, categories, lot_id)
     existing = read_table(out_uri, "results", cfg.storage)
@@ -280,8 +280,3 @@ def score_lots(
     log(f"[lotscan score] report:  {join(out_uri, 'report.html')}")
     return {"scored": scored, "failed": failed, "summary": summary}
 
-
-def _storage(overrides: dict[str, Any]) -> StorageConfig:
-    from lotscan.config import from_dict
-
-    return from_dict({"storage": overrides.get("storage", {})}).storage

@@ -56,7 +56,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lotscan
-from lotscan.config import ConfigError, LotscanConfig, ServeConfig, from_dict, load_config
+from lotscan.config import (
+    ConfigError,
+    LotscanConfig,
+    ServeConfig,
+    from_dict,
+    load_config,
+    storage_config,
+)
 from lotscan.models.bundle import MANIFEST, BundleError, _check_overrides, read_manifest
 from lotscan.models.scoring import Scorer
 from lotscan.platform.bundles import open_bundle
@@ -66,7 +73,7 @@ from lotscan.platform.images import (
     content_seed,
     decode_image,
 )
-from lotscan.platform.lot_scoring import _storage, heatmap_bytes
+from lotscan.platform.lot_scoring import heatmap_bytes
 from lotscan.platform.report import overlay_png
 from lotscan.platform.runtime import cluster_has_gpus
 from lotscan.platform.storage import StorageError, join, read_bytes
@@ -326,7 +333,7 @@ def resolve_token(serve_cfg: ServeConfig,
 def bundle_manifest(model_uri: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Read and check only ``bundle.json`` (no weights): fail fast in the driver
     on a missing bundle or an override the calibration forbids."""
-    storage = _storage(overrides)
+    storage = storage_config(overrides)
     try:
         raw = read_bytes(join(model_uri, MANIFEST), storage)
     except StorageError as err:
@@ -373,9 +380,9 @@ class LotscanModel:
     def __init__(self, model_uri: str, overrides: dict[str, Any], serve_cfg: dict[str, Any],
                  use_gpu: bool):
         self.serve_cfg = from_dict({"serve": serve_cfg}).validate().serve
-        bundle = open_bundle(model_uri, _storage(overrides), overrides=overrides)
+        bundle = open_bundle(model_uri, storage_config(overrides), overrides=overrides)
         self.cfg = bundle.config
-        self.manifest = read_manifest(read_bytes(join(model_uri, MANIFEST), _storage(overrides)),
+        self.manifest = read_manifest(read_bytes(join(model_uri, MANIFEST), storage_config(overrides)),
                                       model_uri)
         self.model_uri = model_uri
         self.model_id = bundle.model_id
