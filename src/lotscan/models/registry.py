@@ -6,12 +6,16 @@ from torch import nn
 
 from lotscan.config import LotscanConfig
 from lotscan.models.method import AnomalyMethod
+from lotscan.models.methods.diffad import DiffADMethod
+from lotscan.models.methods.drdc import DRDCMethod
 from lotscan.models.methods.dta import DTAMethod
 from lotscan.models.methods.recon import ReconMethod
 
 METHODS: dict[str, type[AnomalyMethod]] = {
     "recon": ReconMethod,
     "dta": DTAMethod,
+    "diffad": DiffADMethod,
+    "drdc": DRDCMethod,
 }
 
 

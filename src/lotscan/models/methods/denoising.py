@@ -32,5 +32,9 @@ class DenoiserMethod(AnomalyMethod):
     def training_loss(self, stage, nets, images, generator) -> torch.Tensor:
         return ddpm_loss(unet_eps_model(nets["denoiser"]), self.schedule, images, generator)
 
+    def stage_settings(self, stage: str) -> dict:
+        # recon and dta train the same denoiser: either's checkpoint serves both.
+        return {"denoiser": self.cfg.to_dict()["denoiser"], "image_size": self.cfg.data.image_size}
+
     def eps_model(self):
         return unet_eps_model(self.networks["denoiser"])

@@ -1,0 +1,9 @@
+"""Placeholder: being implemented."""
+
+from lotscan.models.method import AnomalyMethod
+
+
+class DiffADMethod(AnomalyMethod):
+    name = "diffad"
+    signal_names = ()
+    stages = ()

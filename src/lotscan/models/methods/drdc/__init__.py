@@ -1,0 +1,9 @@
+"""Placeholder: being implemented."""
+
+from lotscan.models.method import AnomalyMethod
+
+
+class DRDCMethod(AnomalyMethod):
+    name = "drdc"
+    signal_names = ()
+    stages = ()
