@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from lotscan.config import ConfigError
     from lotscan.models.bundle import BundleError
+    from lotscan.platform.errors import TrainingError
     from lotscan.platform.evaluation import EvaluationError
     from lotscan.platform.readers import InputError
     from lotscan.platform.storage import StorageError
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, BundleError, InputError, StorageError, EvaluationError) as err:
+    except (ConfigError, BundleError, InputError, StorageError, EvaluationError,
+            TrainingError) as err:
         print(f"lotscan {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,12 +15,24 @@ or prefix of normal images, or a manifest (.parquet/.csv with a `uri` column).
 A stable slice (data.calibration_fraction) is held out for calibration: the
 per-signal normalisation ranges and the decision threshold at
 calibration.normal_fpr. Training stops at train.max_steps or after
-train.time_budget_minutes, whichever comes first. Checkpoints go to
-BUNDLE_URI/checkpoints/; re-running the same command resumes from them.
+train.time_budget_minutes, whichever comes first; both count per stage.
+Checkpoints go to BUNDLE_URI/checkpoints/; re-running the same command resumes
+from them.
+
+Methods with several networks train them in stages, in order, into one bundle:
+  recon, dta  denoiser
+  diffad      autoencoder, latent_denoiser, segmenter
+  drdc        base, inpainter   (one model for all categories given)
+--stages runs only the named stages and reuses the latest checkpoints of the
+others (they must exist with the same settings and data), e.g. to give each
+stage its own budget, or to retrain DiffAD's segmenter for an ablation.
 
 examples:
   lotscan train --method dta --data ../shared/datasets/texbench-dev --category brick \\
       --out runs/brick-dta --set train.max_steps=2000 --set train.time_budget_minutes=15
+  lotscan train --method diffad --data ../shared/datasets/texbench-dev --category brick \
+      --out runs/brick-diffad --stages segmenter --set diffad.interpolated_channels=false
+  lotscan train --method drdc --data ../shared/datasets/texbench-dev --out runs/drdc-all
   lotscan train --method dta --data s3://lots/normal/ --out s3://models/line3 \\
       --set storage.endpoint_url=http://minio:9000 --set train.num_workers=4 --set train.use_gpu=true
 """
@@ -34,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", action="append", metavar="C",
                    help="MVTec category to train on (repeatable; default: all)")
     p.add_argument("--out", required=True, metavar="BUNDLE_URI", help="where the bundle is written")
+    p.add_argument("--stages", metavar="S1,S2",
+                   help="run only these training stages (comma-separated); reuse the others' "
+                        "checkpoints (default: all stages)")
     add_config_args(p)
     p.set_defaults(run=run)
 
@@ -44,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, method=args.method)
     ensure_ray(args.ray_address)
-    train_bundle(cfg, args.data, args.out, categories=args.category)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    train_bundle(cfg, args.data, args.out, categories=args.category, stages=stages)
     return 0

@@ -1,12 +1,16 @@
 """Cluster training with Ray Train, then calibration, then one bundle.
 
-``train_bundle`` runs each of the method's training stages as one
-``TorchTrainer`` (data-parallel over ``train.num_workers`` CPU or GPU workers),
-with checkpoints under ``<bundle>/checkpoints/<stage>-<fingerprint>``. Re-running
-the same command resumes every stage from its latest checkpoint; a changed
-config or data set gets a new fingerprint and starts fresh. A calibration
-pass on held-out normal images then fixes normalisation ranges and the
-threshold, and the bundle is written.
+``train_bundle`` runs each of the method's training stages in order (DiffAD:
+autoencoder, latent denoiser, segmenter; DRDC: base, inpainter; recon/dta:
+denoiser), each as one ``TorchTrainer`` (data-parallel over
+``train.num_workers`` CPU or GPU workers), with checkpoints under
+``<bundle>/checkpoints/<stage>-<fingerprint>``. Pretrained networks (DRDC's
+backbone) and the networks of earlier stages reach the workers frozen, through
+the object store. Re-running the same command resumes every stage from its
+latest checkpoint; changed settings, data or upstream weights give a new
+fingerprint and a fresh run; ``stages=`` runs some stages and reuses the
+checkpoints of the others. A calibration pass on held-out normal images then
+fixes normalisation ranges and the threshold, and the bundle is written.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from lotscan.config import LotscanConfig, from_dict
 from lotscan.models.bundle import Bundle
@@ -33,10 +39,18 @@ from lotscan.models.scoring import Calibration, Scorer, calibrate, to_model_inpu
 from lotscan.platform.bundles import save_bundle
 from lotscan.platform.checkpoints import load_checkpoint, load_networks, save_checkpoint
 from lotscan.platform.decode import DecodeBatch, decode_one
+from lotscan.platform.errors import TrainingError
 from lotscan.platform.images import content_seed
 from lotscan.platform.readers import list_training_rows, split_calibration
 from lotscan.platform.runtime import ensure_ray
-from lotscan.platform.storage import join, pyarrow_filesystem
+from lotscan.platform.storage import (
+    exists,
+    join,
+    list_dirs,
+    list_files,
+    pyarrow_filesystem,
+    read_bytes,
+)
 
 Log = Callable[[str], None]
 
@@ -69,10 +83,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(tc.seed + rank)
 
     method = build_method(cfg)
-    if loop_config.get("frozen_checkpoint"):
-        # Networks of earlier stages, read-only in this one.
-        load_networks(loop_config["frozen_checkpoint"], {
-            n: method.networks[n] for n in loop_config["frozen_networks"]})
+    if loop_config.get("frozen") is not None:
+        # Pretrained networks and those of earlier stages, read-only in this one.
+        # They travel through the object store, so workers on other nodes get them.
+        for name, blob in ray.get(loop_config["frozen"]).items():
+            method.networks[name].load_state_dict(load_safetensors(blob))
+    if loop_config.get("resources") is not None:
+        method.set_training_resources(ray.get(loop_config["resources"]))
     names = method.stage_networks(stage)
     nets = {n: method.networks[n] for n in names}
     params = [p for n in names for p in nets[n].parameters()]
@@ -162,19 +179,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     report(final=True)
 
 
-def _fingerprint(cfg: LotscanConfig, rows: list[dict], stage: str) -> str:
-    """Stages resume only with the same architecture, schedule, training settings
-    and data; anything else starts a fresh run."""
+def _fingerprint(cfg: LotscanConfig, rows: list[dict], method, stage: str, upstream: str) -> str:
+    """A stage resumes (or is reused by a ``stages=`` run) only with the same
+    stage settings, training settings, data and the same weights of every
+    network it builds on (``upstream``: pretrained and earlier stages); anything
+    else starts a fresh run."""
     relevant = {
-        "method": cfg.method, "stage": stage, "data": cfg.data.image_size,
-        "denoiser": cfg.to_dict()["denoiser"],
+        "stage": stage,
+        "settings": method.stage_settings(stage),
         "train": {k: v for k, v in cfg.to_dict()["train"].items()
                   if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
                                "checkpoint_every_steps", "num_workers", "use_gpu",
                                "cpus_per_worker")},
         "data_uris": sorted(r["uri"] for r in rows),
+        "upstream": upstream,
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _state_blob(net: torch.nn.Module) -> bytes:
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+
+
+def _upstream_digest(blobs: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(blobs):
+        digest.update(name.encode() + hashlib.sha256(blobs[name]).digest())
+    return digest.hexdigest()
 
 
 def data_fingerprint(rows: list[dict]) -> str:
@@ -200,14 +231,13 @@ def _decoded_dataset(rows: list[dict], cfg: LotscanConfig, log: Log):
     return ds
 
 
-def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, rows: list[dict],
-              frozen: tuple[str, list[str]] | None, log: Log) -> str:
-    """Run one stage with Ray Train; returns a local folder with its final checkpoint."""
+def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, name: str,
+              frozen_ref: Any, resources_ref: Any, log: Log) -> str:
+    """Run one stage with Ray Train as run ``name`` under ``<out_uri>/checkpoints``
+    (resuming its latest checkpoint); returns a local folder with the final one."""
     fs, path = pyarrow_filesystem(join(out_uri, "checkpoints"), cfg.storage)
-    name = f"{stage}-{_fingerprint(cfg, rows, stage)}"
-    loop_config = {"config": cfg.to_dict(), "stage": stage}
-    if frozen:
-        loop_config["frozen_checkpoint"], loop_config["frozen_networks"] = frozen
+    loop_config = {"config": cfg.to_dict(), "stage": stage, "frozen": frozen_ref,
+                   "resources": resources_ref}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -228,6 +258,56 @@ def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, rows: list[dict]
         raise RuntimeError(f"stage {stage} finished without a checkpoint")
     local = tempfile.mkdtemp(prefix=f"lotscan-{stage}-")
     return result.checkpoint.to_directory(local)
+
+
+def latest_checkpoint(out_uri: str, name: str, storage) -> str:
+    """The checkpoint with the highest step of run ``name``, copied to a local folder."""
+    run_uri = join(out_uri, "checkpoints", name)
+    best, best_step = None, -1
+    for entry in list_dirs(run_uri, storage):
+        if not entry.startswith("checkpoint_"):
+            continue
+        state_uri = join(run_uri, entry, "state.json")
+        if not exists(state_uri, storage):
+            continue  # a checkpoint still being written
+        step = int(json.loads(read_bytes(state_uri, storage))["step"])
+        if step > best_step:
+            best, best_step = entry, step
+    if best is None:
+        raise TrainingError(f"no finished checkpoint under {run_uri}")
+    local = tempfile.mkdtemp(prefix=f"lotscan-{name}-")
+    source = join(run_uri, best)
+    for uri in list_files(source, storage):
+        target = os.path.join(local, uri[len(source):].lstrip("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(read_bytes(uri, storage))
+    return local
+
+
+MAX_RESOURCE_IMAGES = 2000
+
+
+def _training_resources(method, cfg: LotscanConfig, log: Log) -> dict[str, np.ndarray]:
+    """Decode the extra image collections a method trains with (DiffAD's anomaly
+    textures), at most MAX_RESOURCE_IMAGES each (a stable sample)."""
+    out: dict[str, np.ndarray] = {}
+    for name, uri in method.training_resource_uris().items():
+        rows = list_training_rows(uri, cfg.storage)
+        rows = sorted(rows, key=lambda r: hashlib.sha256(r["uri"].encode()).hexdigest())
+        rows = rows[:MAX_RESOURCE_IMAGES]
+        images = []
+        for row in rows:
+            image, error = decode_one(row["uri"], cfg.storage, cfg.data)
+            if error:
+                log(f"[lotscan train] skipping unreadable {name} image: {error}")
+            else:
+                images.append(image)
+        if not images:
+            raise TrainingError(f"{name} at {uri}: no readable images")
+        log(f"[lotscan train] {name}: {len(images)} images from {uri}")
+        out[name] = np.stack(images)
+    return out
 
 
 def _calibration_task(cfg_dict: dict, blobs: dict[str, bytes], rows: list[dict]) -> dict:
@@ -276,36 +356,76 @@ def train_bundle(
     out_uri: str,
     categories: list[str] | None = None,
     log: Log = print,
+    stages: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Train every stage of ``cfg.method``, calibrate, write the bundle."""
+    """Train the stages of ``cfg.method`` in order, calibrate, write the bundle.
+
+    ``stages`` (default: all) names the stages to run; every other stage reuses
+    the latest checkpoint of its run under ``<out_uri>/checkpoints`` (same
+    settings, data and upstream weights), so one stage can be re-run alone, e.g.
+    DiffAD's segmenter with another discriminator input.
+    """
     ensure_ray()
+    method = build_method(cfg)
+    unknown = sorted(set(stages or []) - set(method.stages))
+    if unknown:
+        raise TrainingError(f"{cfg.method} has no stage {', '.join(unknown)} "
+                            f"(its stages: {', '.join(method.stages)})")
     rows = list_training_rows(data_uri, cfg.storage, categories)
     train_rows, calib_rows = split_calibration(rows, cfg.data.calibration_fraction)
     log(f"[lotscan train] {cfg.method}: {len(train_rows)} training and {len(calib_rows)} "
         f"calibration images from {data_uri}")
-    ds = _decoded_dataset(train_rows, cfg, log)
-    method = build_method(cfg)
+    try:
+        pretrained = method.init_pretrained(lambda uri: read_bytes(uri, cfg.storage))
+    except (ValueError, OSError) as err:
+        raise TrainingError(f"pretrained weights: {err}") from err
+    for name, what in pretrained.items():
+        log(f"[lotscan train] pretrained {name}: {what}")
+    resources = _training_resources(method, cfg, log)
+    resources_ref = ray.put(resources) if resources else None
+    ds = None
     started = time.time()
-    frozen: tuple[str, list[str]] | None = None
-    trained: list[str] = []
+    ready = {n: _state_blob(method.networks[n]) for n in method.pretrained_networks}
+    stage_info: dict[str, dict[str, Any]] = {}
     for stage in method.stages:
-        folder = run_stage(cfg, stage, ds, out_uri, train_rows, frozen, log)
+        name = f"{stage}-{_fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))}"
+        if stages is None or stage in stages:
+            if ds is None:
+                ds = _decoded_dataset(train_rows, cfg, log)
+            frozen_ref = ray.put(ready) if ready else None
+            folder = run_stage(cfg, stage, ds, out_uri, name, frozen_ref, resources_ref, log)
+            trained = True
+        else:
+            try:
+                folder = latest_checkpoint(out_uri, name, cfg.storage)
+            except TrainingError as err:
+                raise TrainingError(
+                    f"stage {stage} is not in the stages to run, and {err}: train it first "
+                    f"(with the same settings, data and earlier stages), or include it") from None
+            log(f"[lotscan train] stage {stage}: reusing checkpoint run {name}")
+            trained = False
         names = method.stage_networks(stage)
         load_networks(folder, {n: method.networks[n] for n in names})
-        trained += names
-        state = json.load(open(os.path.join(folder, "state.json")))
+        ready.update({n: _state_blob(method.networks[n]) for n in names})
+        with open(os.path.join(folder, "state.json")) as f:
+            state = json.load(f)
+        stage_info[stage] = {"run": name, "trained_now": trained, "steps": int(state["step"]),
+                             "resumed_from_step": int(state.get("resumed_from_step", 0)),
+                             "loss": float(state["loss"])}
         log(f"[lotscan train] stage {stage} done at step {state['step']} (loss {state['loss']:.4f})")
-        frozen = (folder, list(trained))
     log(f"[lotscan train] calibrating on {len(calib_rows)} held-out normal images")
     calibration = calibrate_networks(cfg, method.networks, calib_rows)
+    last = stage_info[method.stages[-1]]
     training = {
         "data_uri": data_uri,
         "categories": sorted({r["category"] for r in rows}),
         "train_images": len(train_rows),
         "calibration_images": len(calib_rows),
         "data_fingerprint": data_fingerprint(rows),
-        "steps": int(state["step"]),
-        "resumed_from_step": int(state.get("resumed_from_step", 0)),
+        "steps": last["steps"],
+        "resumed_from_step": last["resumed_from_step"],
+        "stages": stage_info,
+        "pretrained": pretrained,
         "wall_clock_s": round(time.time() - started, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
