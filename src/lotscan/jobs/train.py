@@ -24,14 +24,17 @@ Methods with several networks train them in stages, in order, into one bundle:
   diffad      autoencoder, latent_denoiser, segmenter
   drdc        base, inpainter   (one model for all categories given)
 --stages runs only the named stages and reuses the latest checkpoints of the
-others (they must exist with the same settings and data), e.g. to give each
-stage its own budget, or to retrain DiffAD's segmenter for an ablation.
+others (same settings, data and earlier weights), e.g. to give each stage its
+own budget (a run that stops before the last stage writes no bundle yet), or to
+retrain DiffAD's segmenter for an ablation into another bundle that shares
+--checkpoints.
 
 examples:
   lotscan train --method dta --data ../shared/datasets/texbench-dev --category brick \\
       --out runs/brick-dta --set train.max_steps=2000 --set train.time_budget_minutes=15
   lotscan train --method diffad --data ../shared/datasets/texbench-dev --category brick \
-      --out runs/brick-diffad --stages segmenter --set diffad.interpolated_channels=false
+      --out runs/brick-diffad-no-inter --checkpoints runs/brick-diffad/checkpoints \
+      --stages segmenter --set diffad.interpolated_channels=false
   lotscan train --method drdc --data ../shared/datasets/texbench-dev --out runs/drdc-all
   lotscan train --method dta --data s3://lots/normal/ --out s3://models/line3 \\
       --set storage.endpoint_url=http://minio:9000 --set train.num_workers=4 --set train.use_gpu=true
@@ -46,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", action="append", metavar="C",
                    help="MVTec category to train on (repeatable; default: all)")
     p.add_argument("--out", required=True, metavar="BUNDLE_URI", help="where the bundle is written")
+    p.add_argument("--checkpoints", metavar="URI",
+                   help="where stage checkpoints live (default: BUNDLE_URI/checkpoints); share it "
+                        "between bundles that reuse stages")
     p.add_argument("--stages", metavar="S1,S2",
                    help="run only these training stages (comma-separated); reuse the others' "
                         "checkpoints (default: all stages)")
@@ -60,5 +66,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, method=args.method)
     ensure_ray(args.ray_address)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    train_bundle(cfg, args.data, args.out, categories=args.category, stages=stages)
+    train_bundle(cfg, args.data, args.out, categories=args.category, stages=stages,
+                 checkpoint_uri=args.checkpoints)
     return 0

@@ -231,11 +231,11 @@ def _decoded_dataset(rows: list[dict], cfg: LotscanConfig, log: Log):
     return ds
 
 
-def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, name: str,
+def run_stage(cfg: LotscanConfig, stage: str, ds, checkpoint_uri: str, name: str,
               frozen_ref: Any, resources_ref: Any, log: Log) -> str:
-    """Run one stage with Ray Train as run ``name`` under ``<out_uri>/checkpoints``
+    """Run one stage with Ray Train as run ``name`` under ``checkpoint_uri``
     (resuming its latest checkpoint); returns a local folder with the final one."""
-    fs, path = pyarrow_filesystem(join(out_uri, "checkpoints"), cfg.storage)
+    fs, path = pyarrow_filesystem(checkpoint_uri, cfg.storage)
     loop_config = {"config": cfg.to_dict(), "stage": stage, "frozen": frozen_ref,
                    "resources": resources_ref}
     trainer = TorchTrainer(
@@ -260,9 +260,9 @@ def run_stage(cfg: LotscanConfig, stage: str, ds, out_uri: str, name: str,
     return result.checkpoint.to_directory(local)
 
 
-def latest_checkpoint(out_uri: str, name: str, storage) -> str:
+def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
     """The checkpoint with the highest step of run ``name``, copied to a local folder."""
-    run_uri = join(out_uri, "checkpoints", name)
+    run_uri = join(checkpoint_uri, name)
     best, best_step = None, -1
     for entry in list_dirs(run_uri, storage):
         if not entry.startswith("checkpoint_"):
@@ -357,14 +357,19 @@ def train_bundle(
     categories: list[str] | None = None,
     log: Log = print,
     stages: list[str] | None = None,
+    checkpoint_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train the stages of ``cfg.method`` in order, calibrate, write the bundle.
 
     ``stages`` (default: all) names the stages to run; every other stage reuses
-    the latest checkpoint of its run under ``<out_uri>/checkpoints`` (same
-    settings, data and upstream weights), so one stage can be re-run alone, e.g.
-    DiffAD's segmenter with another discriminator input.
+    the latest checkpoint of its run under ``checkpoint_uri`` (default
+    ``<out_uri>/checkpoints``; same settings, data and upstream weights), so one
+    stage can be re-run alone, e.g. DiffAD's segmenter with another
+    discriminator input into another bundle. When a stage after the last one
+    run has no checkpoint yet, training stops there without a bundle (stages
+    run one command at a time, e.g. each with its own budget).
     """
+    checkpoint_uri = checkpoint_uri or join(out_uri, "checkpoints")
     ensure_ray()
     method = build_method(cfg)
     unknown = sorted(set(stages or []) - set(method.stages))
@@ -387,18 +392,24 @@ def train_bundle(
     started = time.time()
     ready = {n: _state_blob(method.networks[n]) for n in method.pretrained_networks}
     stage_info: dict[str, dict[str, Any]] = {}
-    for stage in method.stages:
+    last_selected = max((method.stages.index(s) for s in stages), default=-1) if stages else -1
+    for index, stage in enumerate(method.stages):
         name = f"{stage}-{_fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))}"
         if stages is None or stage in stages:
             if ds is None:
                 ds = _decoded_dataset(train_rows, cfg, log)
             frozen_ref = ray.put(ready) if ready else None
-            folder = run_stage(cfg, stage, ds, out_uri, name, frozen_ref, resources_ref, log)
+            folder = run_stage(cfg, stage, ds, checkpoint_uri, name, frozen_ref, resources_ref, log)
             trained = True
         else:
             try:
-                folder = latest_checkpoint(out_uri, name, cfg.storage)
+                folder = latest_checkpoint(checkpoint_uri, name, cfg.storage)
             except TrainingError as err:
+                if index > last_selected >= 0:
+                    log(f"[lotscan train] stage {stage} has no checkpoint for these weights yet; "
+                        f"stopping without a bundle (run --stages {stage} next)")
+                    return {"model_id": None, "calibration": None,
+                            "training": {"stages": stage_info, "pretrained": pretrained}}
                 raise TrainingError(
                     f"stage {stage} is not in the stages to run, and {err}: train it first "
                     f"(with the same settings, data and earlier stages), or include it") from None
