@@ -34,3 +34,23 @@ def test_bench_reports_throughput(tmp_path, capsys):
     assert report["method"] == "recon" and report["device"] == "cpu"
     (row,) = report["results"]
     assert row["batch_size"] == 2 and row["images"] == 4 and row["images_per_s"] > 0
+
+
+def test_calibrate_refuses_settings_the_networks_were_trained_with():
+    from lotscan.config import load_config
+    from lotscan.jobs.calibrate import check_same_networks
+    from lotscan.models.bundle import BundleError
+    from lotscan.models.registry import build_method
+
+    def method(*overrides):
+        return build_method(load_config(overrides=["data.image_size=32",
+                                                   "denoiser.block_out_channels=[16, 32]",
+                                                   *overrides]))
+
+    dta = method("method=dta")
+    check_same_networks(dta, method("method=recon", "recon.noise_level=200"), "m")  # shared denoiser
+    check_same_networks(dta, method("method=dta", "dta.max_noise_level=300"), "m")  # scoring only
+    with pytest.raises(BundleError, match="denoiser"):
+        check_same_networks(dta, method("method=recon", "denoiser.beta_schedule=squaredcos_cap_v2"), "m")
+    with pytest.raises(BundleError, match="cannot serve"):
+        check_same_networks(dta, method("method=diffad"), "m")
