@@ -1,9 +1,5 @@
-"""Placeholder: being implemented."""
+"""DRDC: Diffusion Refinement with Dual Conditioning (ECCV 2024); see :mod:`.method`."""
 
-from lotscan.models.method import AnomalyMethod
+from lotscan.models.methods.drdc.method import DRDCMethod
 
-
-class DRDCMethod(AnomalyMethod):
-    name = "drdc"
-    signal_names = ()
-    stages = ()
+__all__ = ["DRDCMethod"]

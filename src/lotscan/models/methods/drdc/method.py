@@ -1,0 +1,225 @@
+"""``drdc``: Diffusion Refinement with Dual Conditioning (ECCV 2024).
+
+A frozen ImageNet CNN gives multi-stage features; a UniAD-style transformer
+reconstructs them, and the reconstruction error is the low-resolution *base*
+heatmap. A pixel-space UNet inpaints grid cells of the image (model- and
+test-time-conditioned on the rest); the errors of its predictions along each
+reverse trajectory, at several scales, averaged over mask sets and start
+timesteps, are the high-resolution *refined* heatmap. The Scorer mean-filters
+and calibrates both, and ``fuse`` mixes them with weight ``gamma``.
+
+Networks: ``backbone`` (pretrained, never trained), ``reconstructor`` (stage
+``base``), ``inpainter`` (stage ``inpainter``). A work unit is one
+(mask set, start timestep) pair; all units of all images go through the UNet
+as one batch. All scoring noise, and the cell partition, are seeded from the
+image (:func:`unit_noise`), so an image's heatmap does not depend on its batch
+or on how the units are split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lotscan.models.denoiser import build_unet
+from lotscan.models.diffusion import NoiseSchedule
+from lotscan.models.method import AnomalyMethod, unit_noise
+from lotscan.models.methods.drdc import fusion
+from lotscan.models.methods.drdc.backbone import (
+    backbone_channels,
+    build_backbone,
+    extract_features,
+    load_backbone_weights,
+)
+from lotscan.models.methods.drdc.base_model import (
+    FeatureReconstructor,
+    base_heatmap,
+    feature_jitter,
+)
+from lotscan.models.methods.drdc.inpainting import (
+    StepHook,
+    conditioned_eps_model,
+    grid_partition,
+    inpaint,
+    inpainting_loss,
+    masked_image,
+    partition_masks,
+)
+from lotscan.models.reduction import Partial
+
+PARTITION_STREAM = 0
+"""Seed stream of an image's cell partition; noise streams start above it."""
+CONDITION_NOISE, START_NOISE, KNOWN_NOISE = 0, 1, 2
+"""Purposes of the scoring noise: the fill of the unknown cells in ``x~``, the
+forward noise to the start timestep, the known-region noise after step k."""
+
+
+def noise_stream(unit: int, purpose: int, step: int, ddim_steps: int) -> int:
+    """Distinct :func:`unit_noise` stream per (unit, purpose, step), step in
+    [0, ddim_steps]; never :data:`PARTITION_STREAM`."""
+    return 1 + 3 * (unit * (ddim_steps + 1) + step) + purpose
+
+
+def partition_generator(seed: int) -> torch.Generator:
+    """The generator of an image's partition: from the image's seed only (the
+    scheme of :func:`unit_noise`), so every unit of the image sees the same one."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + PARTITION_STREAM) % (2**63 - 1))
+
+
+class DRDCMethod(AnomalyMethod):
+    name = "drdc"
+    signal_names = ("base", "refined")
+    stages = ("base", "inpainter")
+    pretrained_networks = ("backbone",)
+
+    # --- networks -----------------------------------------------------------------
+    def build_networks(self) -> dict[str, nn.Module]:
+        d = self.cfg.drdc
+        backbone = build_backbone(d.backbone, d.backbone_stages)
+        reconstructor = FeatureReconstructor.from_config(
+            d.transformer, sum(backbone_channels(backbone)), d.feature_size)
+        inpainter = build_unet(d.inpainter, self.cfg.data.image_size,
+                               in_channels=6 if d.model_conditioning else 3, out_channels=3)
+        return {"backbone": backbone, "reconstructor": reconstructor, "inpainter": inpainter}
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        if not hasattr(self, "_schedule"):
+            self._schedule = NoiseSchedule.from_config(self.cfg.drdc.inpainter)
+        return self._schedule
+
+    def init_pretrained(self, read_bytes: Callable[[str], bytes]) -> dict[str, str]:
+        d = self.cfg.drdc
+        return {"backbone": load_backbone_weights(self.networks["backbone"], d.backbone,
+                                                  d.backbone_weights, read_bytes)}
+
+    # --- training -----------------------------------------------------------------
+    def stage_networks(self, stage: str) -> list[str]:
+        if stage == "base":
+            return ["reconstructor"]
+        if stage == "inpainter":
+            return ["inpainter"]
+        raise ValueError(f"drdc has training stages 'base' and 'inpainter', not {stage!r}")
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        d = self.cfg.to_dict()["drdc"]
+        if stage == "base":
+            keys = ("backbone", "backbone_weights", "backbone_stages", "backbone_input_size",
+                    "feature_size", "transformer")
+        elif stage == "inpainter":
+            keys = ("inpainter", "model_conditioning", "grid_cell", "num_mask_sets", "train_max_timestep")
+        else:
+            raise ValueError(f"drdc has training stages 'base' and 'inpainter', not {stage!r}")
+        return {"drdc": {k: d[k] for k in keys}, "image_size": self.cfg.data.image_size}
+
+    def training_loss(self, stage: str, nets: dict[str, nn.Module], images: torch.Tensor,
+                      generator: torch.Generator) -> torch.Tensor:
+        d = self.cfg.drdc
+        if stage == "base":
+            features = self.features(images)
+            jittered = feature_jitter(features, d.transformer.jitter_scale,
+                                      d.transformer.jitter_probability, generator)
+            return F.mse_loss(nets["reconstructor"](jittered), features)
+        if stage == "inpainter":
+            return inpainting_loss(nets["inpainter"], self.schedule, images, d.grid_cell, d.num_mask_sets,
+                                   d.train_max_timestep, d.model_conditioning, generator)
+        raise ValueError(f"drdc has training stages 'base' and 'inpainter', not {stage!r}")
+
+    # --- base model ---------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone features (B, C, fs, fs) of images in [-1, 1]."""
+        d = self.cfg.drdc
+        return extract_features(self.networks["backbone"], images, d.backbone_input_size, d.feature_size)
+
+    def base_heatmap(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature reconstruction error (B, H, W)."""
+        features = self.features(images)
+        return base_heatmap(features, self.networks["reconstructor"](features), tuple(images.shape[-2:]))
+
+    # --- inpainting ---------------------------------------------------------------
+    def num_units(self) -> int:
+        return self.cfg.drdc.num_mask_sets * len(self.cfg.drdc.start_timesteps)
+
+    def unit_spec(self, unit: int) -> tuple[int, int]:
+        """(mask set p, start timestep) of a unit; units run set-major."""
+        d = self.cfg.drdc
+        if not 0 <= unit < self.num_units():
+            raise ValueError(f"drdc unit {unit} outside [0, {self.num_units()})")
+        return unit // len(d.start_timesteps), d.start_timesteps[unit % len(d.start_timesteps)]
+
+    def unknown_masks(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """Per image the pixel masks of its P cell sets (B, P, H, W), from its seed."""
+        d = self.cfg.drdc
+        if height != width or height % d.grid_cell:
+            raise ValueError(f"drdc needs square images whose side divides by drdc.grid_cell={d.grid_cell}, "
+                             f"got {height} x {width}")
+        g = height // d.grid_cell
+        return torch.stack([
+            partition_masks(grid_partition(g, d.num_mask_sets, partition_generator(s)), d.num_mask_sets,
+                            d.grid_cell)
+            for s in seeds
+        ])
+
+    def refine(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int],
+               on_step: StepHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum (B, H, W) and count (B,) of the refined heatmaps of ``units``.
+        ``on_step`` sees the batched inpainting loop: row ``b * len(units) + i``
+        is image b inpainting unit ``units[i]``."""
+        d = self.cfg.drdc
+        b, c, h, w = images.shape
+        units = [int(u) for u in units]
+        n_units = len(units)
+        specs = [self.unit_spec(u) for u in units]
+        masks = self.unknown_masks(seeds, h, w).to(images.device, images.dtype)
+        unknown = masks[:, [p for p, _ in specs]].reshape(b * n_units, 1, h, w)
+        x = images.unsqueeze(1).expand(b, n_units, c, h, w).reshape(b * n_units, c, h, w)
+
+        def draw(purpose: int, step: int) -> torch.Tensor:
+            per_unit = [unit_noise(seeds, noise_stream(u, purpose, step, d.ddim_steps), (c, h, w),
+                                   images.device, images.dtype) for u in units]
+            return torch.stack(per_unit, dim=1).reshape(b * n_units, c, h, w)
+
+        condition = masked_image(x, unknown, draw(CONDITION_NOISE, 0))
+        t_start = torch.tensor([t for _, t in specs], dtype=torch.long).repeat(b)
+        used = set(range(d.ddim_steps)) if d.fuse_trajectory else {d.ddim_steps - 1}
+        total = torch.zeros(b * n_units, h, w, device=images.device, dtype=images.dtype)
+
+        def accumulate(k: int, t: torch.Tensor, x_k: torch.Tensor, x_hat: torch.Tensor | None) -> None:
+            nonlocal total
+            if on_step is not None:
+                on_step(k, t, x_k, x_hat)
+            if x_hat is not None and k in used:
+                total = total + fusion.multiscale_error_sum(x, x_hat, d.scales)
+
+        eps_model = conditioned_eps_model(self.networks["inpainter"], condition if d.model_conditioning else None)
+        inpaint(eps_model, self.schedule, x, condition, unknown, t_start, d.ddim_steps,
+                noise=lambda k: draw(START_NOISE, 0) if k == 0 else draw(KNOWN_NOISE, k),
+                test_time_conditioning=d.test_time_conditioning, on_step=accumulate)
+        count = torch.full((b,), float(n_units * len(used) * len(d.scales)), device=images.device,
+                           dtype=images.dtype)
+        return total.view(b, n_units, h, w).sum(dim=1), count
+
+    # --- scoring ------------------------------------------------------------------
+    def partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
+        units = [int(u) for u in units]
+        b, _, h, w = images.shape
+        ones = torch.ones(b, device=images.device, dtype=images.dtype)
+        with torch.no_grad():
+            out = fusion.empty_partial(b, h, w, images.device, images.dtype)
+            if 0 in units:  # the base heatmap is counted once per image, by unit 0
+                out["base_sum"], out["base_count"] = self.base_heatmap(images), ones
+            if self.cfg.drdc.gamma == 0:  # the base-only ablation: no diffusion at all
+                out["refined_count"] = ones
+            elif units:
+                out["refined_sum"], out["refined_count"] = self.refine(images, seeds, units)
+        return out
+
+    def finalize(self, partial: Partial) -> dict[str, torch.Tensor]:
+        return fusion.finalize(partial)
+
+    def fuse(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fusion.fuse(normalised, self.cfg.drdc.gamma)
