@@ -1,9 +1,6 @@
-"""Placeholder: being implemented."""
+"""DiffAD (Zhang et al., ICCV 2023): latent diffusion reconstruction with a noisy
+condition embedding, interpolated channels and a discriminative segmenter."""
 
-from lotscan.models.method import AnomalyMethod
+from lotscan.models.methods.diffad.method import DiffADMethod
 
-
-class DiffADMethod(AnomalyMethod):
-    name = "diffad"
-    signal_names = ()
-    stages = ()
+__all__ = ["DiffADMethod"]

@@ -1,0 +1,359 @@
+"""``diffad``: DiffAD (Zhang et al., ICCV 2023).
+
+Three networks, trained one stage each in this order:
+
+1. ``autoencoder``: a KL autoencoder ``E``/``D`` of normal images (L1 + KL);
+2. ``latent_denoiser``: a latent diffusion UNet over ``concat(z_t, c)`` that
+   learns to generate the normal latent ``z = E(x)`` given the latent
+   ``c = E(x_a)`` of a synthetic anomalous version of the same image, with
+   ``c`` forward-noised to its own random timestep during training (the
+   paper's noisy condition embedding; ``clean`` is the DiffAD_c ablation);
+3. ``segmenter``: a DRAEM-style U-Net that maps ``concat(x_a, x_inter, x_r)``
+   to the anomaly mask, trained with a focal loss on synthetic anomalies,
+   where ``z_r`` is DDIM-sampled from pure noise conditioned on ``c``,
+   ``x_r = D(z_r)`` and ``x_inter = D(lambda c + (1 - lambda) z_r)``.
+
+At scoring, each of the S = ``num_samples`` work units draws its own initial
+noise (seeded from the image and the unit), reconstructs, segments, and the
+anomaly probabilities are averaged.
+
+Latents are normalised per channel with statistics stored in the latent
+denoiser (see :class:`~.networks.LatentDenoiser`); the interpolation is done
+on normalised latents, which is the same as on raw ones because the
+normalisation is affine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+
+from lotscan.config import LotscanConfig
+from lotscan.models.diffusion import NoiseSchedule, ddim_x0
+from lotscan.models.method import AnomalyMethod, unit_noise
+from lotscan.models.methods.diffad.anomaly import AnomalySynthesizer, SynthesizerSettings
+from lotscan.models.methods.diffad.loss import focal_loss
+from lotscan.models.methods.diffad.networks import (
+    LatentDenoiser,
+    build_autoencoder,
+    build_latent_denoiser,
+    build_segmenter,
+)
+from lotscan.models.reduction import Partial
+
+SEGMENTER_FIELDS = ("x_a", "mask", "x_inter", "x_r")
+
+
+class SampleCache:
+    """Ring buffer (CPU) of recent segmenter training samples ``(x_a, mask, x_inter, x_r)``.
+
+    Images are kept as float16 (the decoder's output needs no more precision
+    for the segmenter), masks as uint8: about 40 MB for 512 samples at 64 px.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.store: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.next = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.capacity
+
+    def add(self, samples: dict[str, torch.Tensor]) -> None:
+        if self.capacity == 0:
+            return
+        n = next(iter(samples.values())).shape[0]
+        if not self.store:
+            self.store = {
+                k: torch.zeros((self.capacity, *v.shape[1:]), dtype=torch.uint8 if k == "mask" else torch.float16)
+                for k, v in samples.items()
+            }
+        # Only the newest `capacity` samples can survive a batch larger than the cache.
+        for i in range(max(0, n - self.capacity), n):
+            for k, v in samples.items():
+                self.store[k][self.next] = v[i].detach().to("cpu", self.store[k].dtype)
+            self.next = (self.next + 1) % self.capacity
+            self.count = min(self.count + 1, self.capacity)
+
+    def draw(self, k: int, generator: torch.Generator, flips: bool,
+             device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``k`` distinct cached samples, each flipped at random (the same flips
+        for all its tensors) so that a repeated sample is not a repeated input."""
+        idx = torch.randperm(self.count, generator=generator)[:k]
+        out = {key: v[idx].to(device=device, dtype=dtype) for key, v in self.store.items()}
+        if flips:
+            h = (torch.rand(k, generator=generator) < 0.5).to(device).view(-1, 1, 1, 1)
+            v = (torch.rand(k, generator=generator) < 0.5).to(device).view(-1, 1, 1, 1)
+            for key, t in out.items():
+                t = torch.where(h, t.flip(-1), t)
+                out[key] = torch.where(v, t.flip(-2), t)
+        return out
+
+
+class DiffADMethod(AnomalyMethod):
+    name = "diffad"
+    signal_names = ("segmentation",)
+    stages = ("autoencoder", "latent_denoiser", "segmenter")
+
+    def __init__(self, cfg: LotscanConfig, networks: dict[str, nn.Module] | None = None):
+        super().__init__(cfg, networks)
+        self.synthesizer = AnomalySynthesizer(SynthesizerSettings.from_config(cfg.diffad))
+        self.segmenter_cache = SampleCache(cfg.diffad.segmenter_cache_size)
+
+    # --- networks -----------------------------------------------------------------
+    def build_networks(self) -> dict[str, nn.Module]:
+        return {
+            "autoencoder": build_autoencoder(self.cfg),
+            "latent_denoiser": build_latent_denoiser(self.cfg),
+            "segmenter": build_segmenter(self.cfg),
+        }
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        if not hasattr(self, "_schedule"):
+            self._schedule = NoiseSchedule.from_config(self.cfg.diffad.latent_denoiser)
+        return self._schedule
+
+    @property
+    def latent_denoiser(self) -> LatentDenoiser:
+        return self.networks["latent_denoiser"]  # type: ignore[return-value]
+
+    # --- training -----------------------------------------------------------------
+    def stage_networks(self, stage: str) -> list[str]:
+        if stage not in self.stages:
+            raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
+        return [stage]
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        d = self.cfg.to_dict()["diffad"]
+        if stage == "autoencoder":
+            return {"autoencoder": d["autoencoder"], "image_size": self.cfg.data.image_size}
+        if stage == "latent_denoiser":
+            keys = ["latent_denoiser", "condition_noise", "max_opacity"]
+            keys += [k for k in d if k.startswith(("anomaly_", "perlin_"))]
+        elif stage == "segmenter":
+            keys = ["segmenter", "segmenter_sample_steps", "sample_condition_level",
+                    "interpolated_channels", "interpolation_lambda"]
+            keys += [k for k in d if k.startswith("segmenter_") and k not in keys]
+        else:
+            raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
+        return {k: d[k] for k in sorted(keys)}
+
+    def training_resource_uris(self) -> dict[str, str]:
+        uri = self.cfg.diffad.anomaly_source_uri
+        return {"anomaly_textures": uri} if uri else {}
+
+    def set_training_resources(self, resources: dict[str, np.ndarray]) -> None:
+        self.synthesizer.set_textures(resources.get("anomaly_textures"))
+
+    def training_loss(
+        self, stage: str, nets: dict[str, nn.Module], images: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        if stage == "autoencoder":
+            return self._autoencoder_loss(nets["autoencoder"], images, generator)
+        if stage == "latent_denoiser":
+            return self._latent_denoiser_loss(nets["latent_denoiser"], images, generator)
+        if stage == "segmenter":
+            return self._segmenter_loss(nets["segmenter"], images, generator)
+        raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
+
+    def _autoencoder_loss(self, net: nn.Module, images: torch.Tensor,
+                          generator: torch.Generator) -> torch.Tensor:
+        """LDM's autoencoder objective without its perceptual and adversarial
+        terms: per image, the L1 error summed over pixels plus ``kl_weight`` times
+        the KL divergence summed over latent elements; divided by the pixel
+        count so the loss is O(1) (the ratio of the two terms is unchanged).
+
+        The forward goes through ``net`` itself (a data-parallel wrapper must see
+        it to synchronise gradients); the stock ``AutoencoderKL.forward`` returns
+        only the decoded image, so the posterior's moments are captured with a
+        forward hook on the layer that produces them.
+        """
+        ae = getattr(net, "module", net)
+        source = ae.quant_conv if ae.quant_conv is not None else ae.encoder
+        captured: list[torch.Tensor] = []
+        handle = source.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            recon = net(images, sample_posterior=True, generator=generator).sample
+        finally:
+            handle.remove()
+        kl = DiagonalGaussianDistribution(captured[-1]).kl()
+        l1 = (recon - images).abs().flatten(1).sum(dim=1)
+        per_image = l1 + self.cfg.diffad.autoencoder.kl_weight * kl
+        return per_image.mean() / images[0].numel()
+
+    def _latent_denoiser_loss(self, net: nn.Module, images: torch.Tensor,
+                              generator: torch.Generator) -> torch.Tensor:
+        """eps-MSE of the conditional latent UNet. The target latent is the
+        posterior mean of the normal image (chosen over a posterior sample: the
+        condition and scoring use means too, and with the tiny KL weight the
+        posterior's spread is negligible anyway)."""
+        d = self.cfg.diffad
+        den: LatentDenoiser = getattr(net, "module", net)
+        ae = self.networks["autoencoder"]
+        synthetic = self.synthesizer(images, generator)
+        n = images.shape[0]
+        with torch.no_grad():
+            latents = ae.encode(torch.cat([images, synthetic.x_a])).latent_dist.mean
+            z_raw, c_raw = latents[:n], latents[n:]
+            den.update_latent_stats(z_raw)
+            z, c = den.normalise(z_raw), den.normalise(c_raw)
+        steps = self.schedule.num_train_timesteps
+        t = torch.randint(0, steps, (n,), generator=generator)
+        noise = torch.randn(z.shape, generator=generator).to(z.device, z.dtype)
+        z_t = self.schedule.add_noise(z, noise, t)
+        if d.condition_noise == "noisy":
+            t_c = torch.randint(0, steps, (n,), generator=generator)
+            c_noise = torch.randn(c.shape, generator=generator).to(c.device, c.dtype)
+            c = self.schedule.add_noise(c, c_noise, t_c)
+        return F.mse_loss(net(z_t, t.to(z.device), c), noise)
+
+    def _segmenter_loss(self, net: nn.Module, images: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        batch = self.segmenter_batch(images, generator)
+        logits = net(self.segmenter_input(batch["x_a"], batch.get("x_inter"), batch["x_r"]))
+        return focal_loss(logits, batch["mask"], self.cfg.diffad.segmenter.focal_gamma)
+
+    # Why a cache. The segmenter's input needs x_r and x_inter, i.e. a DDIM run of
+    # segmenter_sample_steps latent-UNet calls plus a decode, for every sample.
+    # Measured on CPU (2 threads, default config: 64 px, batch 16, 10 steps; steps
+    # of both settings interleaved): the sampler alone takes 0.89 s for 16 samples
+    # (0.32 s for 4), a whole training step 1.47 s with refresh 1.0 (the sampler is
+    # 61% of it) and 0.86 s with the default 0.25 once the cache is warm: 1.7x as
+    # many steps in a time budget; the rest of a step is the segmenter's own
+    # forward and backward (about 0.55 s), which no cache can save. Each sample
+    # is seen about 1/refresh times (with random flips), and a 512-sample cache
+    # turns over every 128 steps, so the segmenter still meets a stream of new
+    # anomalies. Filling the cache first costs 32 full-price steps (about 50 s);
+    # after that no sample is reused before the cache holds 512 distinct ones.
+    # Cheaper alternatives were rejected: fewer DDIM steps change x_r from what
+    # scoring produces, and a one-step (Tweedie) x0 from pure noise is a blurry
+    # mean, not a sample.
+    def segmenter_batch(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A segmenter training batch ``{x_a, mask, x_inter, x_r}`` of ``len(images)``
+        samples: ``segmenter_refresh_fraction`` of them synthesized and
+        reconstructed anew from the first images of the batch, the rest drawn
+        from the cache of earlier ones. Until the cache is full every sample
+        is new (so it fills with distinct samples before any is reused); a
+        cache smaller than the draw gives what it holds."""
+        d = self.cfg.diffad
+        n = images.shape[0]
+        cache = self.segmenter_cache
+        use_cache = cache.capacity > 0 and d.segmenter_refresh_fraction < 1.0
+        fresh_n = n
+        if use_cache and cache.full:
+            fresh_n = max(1, math.ceil(d.segmenter_refresh_fraction * n - 1e-9))
+            fresh_n = n - min(n - fresh_n, len(cache))
+        # Synthesize on the whole batch (cheap) so textures come from all its images.
+        synthetic = self.synthesizer(images, generator)
+        x_a, mask = synthetic.x_a[:fresh_n], synthetic.mask[:fresh_n]
+        with torch.no_grad():
+            c = self.condition(x_a)
+            z_T = torch.randn(c.shape, generator=generator).to(c.device, c.dtype)
+            c_noise = None
+            if d.sample_condition_level > 0:
+                c_noise = torch.randn(c.shape, generator=generator).to(c.device, c.dtype)
+            x_r, x_inter = self.reconstruct(c, z_T, c_noise, d.segmenter_sample_steps)
+        fresh = {"x_a": x_a, "mask": mask, "x_r": x_r}
+        if x_inter is not None:
+            fresh["x_inter"] = x_inter
+        batch = fresh
+        if fresh_n < n:
+            cached = cache.draw(n - fresh_n, generator, self.cfg.train.augment_flips,
+                                images.device, images.dtype)
+            batch = {k: torch.cat([fresh[k], cached[k]]) for k in fresh}
+        if use_cache:
+            cache.add(fresh)
+        return batch
+
+    # --- the reconstruction shared by training and scoring --------------------------
+    def condition(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised posterior mean ``c = E(x)``."""
+        latent = self.networks["autoencoder"].encode(x).latent_dist.mean
+        return self.latent_denoiser.normalise(latent)
+
+    def reconstruct(
+        self, c: torch.Tensor, z_T: torch.Tensor, c_noise: torch.Tensor | None, steps: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x_r, x_inter)`` from the normalised condition ``c``: DDIM (eta 0) in
+        ``steps`` calls from ``z_T`` at timestep T-1, conditioned on ``c`` (noised
+        with ``c_noise`` to ``sample_condition_level`` when that is > 0); both
+        latents are decoded in one batch and clamped to the image range.
+        ``x_inter`` is ``None`` without interpolated channels."""
+        d = self.cfg.diffad
+        den = self.latent_denoiser
+        n = c.shape[0]
+        cond = c
+        if d.sample_condition_level > 0:
+            if c_noise is None:
+                raise ValueError("sample_condition_level > 0 needs condition noise")
+            level = torch.full((n,), d.sample_condition_level, dtype=torch.long)
+            cond = self.schedule.add_noise(c, c_noise, level)
+
+        def eps(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return den(z, t, cond)
+
+        start = torch.full((n,), self.schedule.num_train_timesteps - 1, dtype=torch.long)
+        z_r = ddim_x0(eps, self.schedule, z_T, start, steps)
+        latents = [z_r]
+        if d.interpolated_channels:
+            lam = d.interpolation_lambda
+            latents.append(lam * c + (1 - lam) * z_r)
+        decoded = self.networks["autoencoder"].decode(den.denormalise(torch.cat(latents))).sample
+        decoded = decoded.clamp(-1.0, 1.0)
+        return decoded[:n], (decoded[n:] if d.interpolated_channels else None)
+
+    def segmenter_input(self, x_a: torch.Tensor, x_inter: torch.Tensor | None,
+                        x_r: torch.Tensor) -> torch.Tensor:
+        if self.cfg.diffad.interpolated_channels:
+            if x_inter is None:
+                raise ValueError("interpolated_channels is on but no x_inter was given")
+            return torch.cat([x_a, x_inter, x_r], dim=1)
+        return torch.cat([x_a, x_r], dim=1)
+
+    # --- scoring ------------------------------------------------------------------
+    def num_units(self) -> int:
+        return self.cfg.diffad.num_samples
+
+    def partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
+        """All units of all images go through the networks as one batch (unit-major).
+        Unit ``s`` takes its initial noise from stream ``2s`` and its condition
+        noise from stream ``2s + 1`` of the image's seed."""
+        d = self.cfg.diffad
+        b, _, h, w = images.shape
+        units = [int(s) for s in units]
+        with torch.no_grad():
+            c = self.condition(images)
+            shape = tuple(c.shape[1:])
+            z_T = torch.cat([unit_noise(seeds, 2 * s, shape, c.device, c.dtype) for s in units])
+            c_noise = None
+            if d.sample_condition_level > 0:
+                c_noise = torch.cat([unit_noise(seeds, 2 * s + 1, shape, c.device, c.dtype) for s in units])
+            c_all = c.repeat(len(units), 1, 1, 1)
+            x_r, x_inter = self.reconstruct(c_all, z_T, c_noise, d.sample_steps)
+            x_all = images.repeat(len(units), 1, 1, 1)
+            logits = self.networks["segmenter"](self.segmenter_input(x_all, x_inter, x_r))
+            prob = torch.softmax(logits.float(), dim=1)[:, 1]
+        return {
+            "mask_sum": prob.view(len(units), b, h, w).sum(dim=0),
+            "count": torch.full((b,), float(len(units)), device=images.device),
+        }
+
+    def finalize(self, partial: Partial) -> dict[str, torch.Tensor]:
+        return {"segmentation": partial["mask_sum"] / partial["count"].view(-1, 1, 1)}
+
+    def fuse(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        return normalised["segmentation"]
