@@ -48,9 +48,11 @@ METHOD_OVERRIDES = {"recon": [], "dta": [], "diffad": TINY_DIFFAD, "drdc": TINY_
 CATEGORIES = {"recon": ["weave"], "dta": ["weave"], "diffad": ["weave"], "drdc": ["weave", "speckle"]}
 
 
-def _config(method: str, *extra: str):
-    return load_config(overrides=TINY_MODEL + METHOD_OVERRIDES[method]
-                       + [f"method={method}", "train.max_steps=2", *extra])
+def _config(method: str, root: str, *extra: str):
+    overrides = TINY_MODEL + METHOD_OVERRIDES[method] + [f"method={method}", "train.max_steps=2"]
+    if method == "diffad":  # anomaly textures from a folder: the other demo category
+        overrides.append(f"diffad.anomaly_source_uri={root}/speckle/train/good")
+    return load_config(overrides=overrides + list(extra))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def trained(ray_local, demo_root, tmp_path_factory):
     def get(method: str) -> tuple[str, dict]:
         if method not in cache:
             out = str(tmp_path_factory.mktemp(method) / "model")
-            result = train_bundle(_config(method), demo_root, out, categories=CATEGORIES[method])
+            result = train_bundle(_config(method, demo_root), demo_root, out, categories=CATEGORIES[method])
             cache[method] = (out, result)
         return cache[method]
 
@@ -71,7 +73,7 @@ def trained(ray_local, demo_root, tmp_path_factory):
 @pytest.mark.parametrize("method", ["recon", "dta", "diffad", "drdc"])
 def test_every_method_trains_scores_and_evaluates(method, trained, demo_root, tmp_path):
     model, result = trained(method)
-    expected = build_method(_config(method))
+    expected = build_method(_config(method, demo_root))
     stages = result["training"]["stages"]
     assert list(stages) == list(expected.stages)
     assert all(s["steps"] == 2 and s["trained_now"] for s in stages.values())
@@ -104,7 +106,7 @@ def test_one_stage_reruns_alone_on_the_others_checkpoints(trained, demo_root, tm
     # The discriminator input is a segmenter setting: only that stage trains again,
     # into another bundle that shares the checkpoints.
     ablation = str(tmp_path / "no-inter")
-    again = train_bundle(_config("diffad", "diffad.interpolated_channels=false"), demo_root, ablation,
+    again = train_bundle(_config("diffad", demo_root, "diffad.interpolated_channels=false"), demo_root, ablation,
                          categories=["weave"], stages=["segmenter"], checkpoint_uri=checkpoints)
     before, after = first["training"]["stages"], again["training"]["stages"]
     for stage in ("autoencoder", "latent_denoiser"):
@@ -118,7 +120,7 @@ def test_one_stage_reruns_alone_on_the_others_checkpoints(trained, demo_root, tm
 
     # A latent-denoiser setting retrains that stage; the segmenter has no checkpoint
     # on the new weights yet, so the run stops there without a bundle.
-    partial = train_bundle(_config("diffad", "diffad.condition_noise=clean"), demo_root,
+    partial = train_bundle(_config("diffad", demo_root, "diffad.condition_noise=clean"), demo_root,
                            str(tmp_path / "clean"), categories=["weave"],
                            stages=["latent_denoiser"], checkpoint_uri=checkpoints)
     assert partial["model_id"] is None
@@ -127,10 +129,10 @@ def test_one_stage_reruns_alone_on_the_others_checkpoints(trained, demo_root, tm
     assert not (tmp_path / "clean" / "bundle.json").exists()
 
     with pytest.raises(TrainingError, match="train it first"):
-        train_bundle(_config("diffad"), demo_root, str(tmp_path / "fresh"), categories=["weave"],
+        train_bundle(_config("diffad", demo_root), demo_root, str(tmp_path / "fresh"), categories=["weave"],
                      stages=["segmenter"])
     with pytest.raises(TrainingError, match="no stage"):
-        train_bundle(_config("diffad"), demo_root, str(tmp_path / "fresh"), stages=["denoiser"])
+        train_bundle(_config("diffad", demo_root), demo_root, str(tmp_path / "fresh"), stages=["denoiser"])
 
 
 def test_missing_pretrained_weights_are_a_clear_error(ray_local, demo_root, tmp_path, capsys):
