@@ -48,3 +48,25 @@ def test_no_texture_source_means_no_resources_and_an_unreadable_one_is_an_error(
                                  f"diffad.anomaly_source_uri={folder}"])
     with pytest.raises(TrainingError, match="no readable images"):
         _training_resources(build_method(cfg), cfg, lambda m: None)
+
+
+def test_latest_checkpoint_picks_the_highest_step_from_a_relative_path(tmp_path, monkeypatch):
+    import json
+
+    from lotscan.config import StorageConfig
+    from lotscan.platform.training import latest_checkpoint
+
+    run = tmp_path / "model" / "checkpoints" / "segmenter-abc"
+    for folder, step in (("checkpoint_2026-11-23_08-00-00.000001", 40),
+                         ("checkpoint_2026-11-23_07-00-00.000001", 80)):
+        (run / folder / "nested").mkdir(parents=True)
+        (run / folder / "state.json").write_text(json.dumps({"step": step}))
+        (run / folder / "segmenter.safetensors").write_bytes(f"weights {step}".encode())
+        (run / folder / "nested" / "extra.txt").write_text(str(step))
+    (run / "checkpoint_2026-11-23_09-00-00.000001").mkdir()  # still being written: no state.json
+    monkeypatch.chdir(tmp_path)
+    local = latest_checkpoint("model/checkpoints", "segmenter-abc", StorageConfig())
+    assert open(os.path.join(local, "segmenter.safetensors"), "rb").read() == b"weights 80"
+    assert open(os.path.join(local, "nested", "extra.txt")).read() == "80"
+    with pytest.raises(TrainingError, match="no finished checkpoint"):
+        latest_checkpoint("model/checkpoints", "other-run", StorageConfig())

@@ -276,9 +276,11 @@ def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
     if best is None:
         raise TrainingError(f"no finished checkpoint under {run_uri}")
     local = tempfile.mkdtemp(prefix=f"lotscan-{name}-")
-    source = join(run_uri, best)
-    for uri in list_files(source, storage):
-        target = os.path.join(local, uri[len(source):].lstrip("/"))
+    for uri in list_files(join(run_uri, best), storage):
+        # Listed URIs may be spelled differently from run_uri (a relative local
+        # path comes back absolute): cut at the checkpoint folder's own name.
+        relative = uri.split(f"/{best}/", 1)[1]
+        target = os.path.join(local, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:
             f.write(read_bytes(uri, storage))
