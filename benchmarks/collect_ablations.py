@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "au_pro")
-ORDER = ("full", "no-inter", "xa-inter", "clean-cond", "base-only", "no-model-cond")
+ORDER = ("base-only", "no-model-cond", "full", "no-inter", "xa-inter", "clean-cond")
 
 
 def describe(cfg: dict) -> str:

@@ -104,10 +104,13 @@ def test_one_stage_reruns_alone_on_the_others_checkpoints(trained, demo_root, tm
     model, first = trained("diffad")
     checkpoints = f"{model}/checkpoints"
     # The discriminator input is a segmenter setting: only that stage trains again,
-    # into another bundle that shares the checkpoints.
+    # into another bundle that shares the checkpoints, and with its own
+    # training settings (learning rate, seed): the reused stages keep theirs.
     ablation = str(tmp_path / "no-inter")
-    again = train_bundle(_config("diffad", demo_root, "diffad.interpolated_channels=false"), demo_root, ablation,
-                         categories=["weave"], stages=["segmenter"], checkpoint_uri=checkpoints)
+    again = train_bundle(_config("diffad", demo_root, "diffad.interpolated_channels=false",
+                                 "train.learning_rate=0.001", "train.seed=7"),
+                         demo_root, ablation, categories=["weave"], stages=["segmenter"],
+                         checkpoint_uri=checkpoints)
     before, after = first["training"]["stages"], again["training"]["stages"]
     for stage in ("autoencoder", "latent_denoiser"):
         assert after[stage]["run"] == before[stage]["run"]

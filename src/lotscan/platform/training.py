@@ -179,22 +179,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     report(final=True)
 
 
-def _fingerprint(cfg: LotscanConfig, rows: list[dict], method, stage: str, upstream: str) -> str:
-    """A stage resumes (or is reused by a ``stages=`` run) only with the same
-    stage settings, training settings, data and the same weights of every
-    network it builds on (``upstream``: pretrained and earlier stages); anything
-    else starts a fresh run."""
-    relevant = {
-        "stage": stage,
-        "settings": method.stage_settings(stage),
-        "train": {k: v for k, v in cfg.to_dict()["train"].items()
-                  if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
-                               "checkpoint_every_steps", "num_workers", "use_gpu",
-                               "cpus_per_worker")},
-        "data_uris": sorted(r["uri"] for r in rows),
-        "upstream": upstream,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def _fingerprint(cfg: LotscanConfig, rows: list[dict], method, stage: str,
+                 upstream: str) -> tuple[str, str]:
+    """(model part, training part) of a stage's run name. The model part covers
+    what the stage's networks are: its settings, the data and the weights of
+    every network it builds on (``upstream``: pretrained and earlier stages).
+    The training part covers how they were trained (learning rate, batch
+    size, seed, augmentation). A stage resumes only when both match; a stage
+    reused by a ``stages=`` run needs only the model part to match, so the
+    stage being run may use other training settings (another seed, its own
+    learning rate)."""
+    model = {"stage": stage, "settings": method.stage_settings(stage),
+             "data_uris": sorted(r["uri"] for r in rows), "upstream": upstream}
+    train = {k: v for k, v in cfg.to_dict()["train"].items()
+             if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
+                          "checkpoint_every_steps", "num_workers", "use_gpu", "cpus_per_worker")}
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    return digest(model), digest(train)
 
 
 def _state_blob(net: torch.nn.Module) -> bytes:
@@ -260,9 +264,8 @@ def run_stage(cfg: LotscanConfig, stage: str, ds, checkpoint_uri: str, name: str
     return result.checkpoint.to_directory(local)
 
 
-def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
-    """The checkpoint with the highest step of run ``name``, copied to a local folder."""
-    run_uri = join(checkpoint_uri, name)
+def _newest_checkpoint(run_uri: str, storage) -> tuple[str, int] | None:
+    """(folder name, step) of the checkpoint with the highest step of a run."""
     best, best_step = None, -1
     for entry in list_dirs(run_uri, storage):
         if not entry.startswith("checkpoint_"):
@@ -273,8 +276,16 @@ def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
         step = int(json.loads(read_bytes(state_uri, storage))["step"])
         if step > best_step:
             best, best_step = entry, step
-    if best is None:
+    return None if best is None else (best, best_step)
+
+
+def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
+    """The checkpoint with the highest step of run ``name``, copied to a local folder."""
+    run_uri = join(checkpoint_uri, name)
+    found = _newest_checkpoint(run_uri, storage)
+    if found is None:
         raise TrainingError(f"no finished checkpoint under {run_uri}")
+    best = found[0]
     local = tempfile.mkdtemp(prefix=f"lotscan-{name}-")
     for uri in list_files(join(run_uri, best), storage):
         # Listed URIs may be spelled differently from run_uri (a relative local
@@ -285,6 +296,22 @@ def latest_checkpoint(checkpoint_uri: str, name: str, storage) -> str:
         with open(target, "wb") as f:
             f.write(read_bytes(uri, storage))
     return local
+
+
+def reusable_run(checkpoint_uri: str, stage: str, model_fp: str, train_fp: str, storage) -> str:
+    """Name of the run whose checkpoint a stage that is not run reuses: the one
+    with the same model part and the same training part when there is one,
+    else the run with the same model part whose newest checkpoint is newest."""
+    exact = f"{stage}-{model_fp}-{train_fp}"
+    candidates = [d for d in list_dirs(checkpoint_uri, storage) if d.startswith(f"{stage}-{model_fp}-")]
+    if exact in candidates and _newest_checkpoint(join(checkpoint_uri, exact), storage):
+        return exact
+    dated = [(found[0], name) for name in candidates
+             if (found := _newest_checkpoint(join(checkpoint_uri, name), storage))]
+    if not dated:
+        raise TrainingError(f"no finished checkpoint of stage {stage} under "
+                            f"{join(checkpoint_uri, stage + '-' + model_fp + '-*')}")
+    return max(dated)[1]  # checkpoint folder names sort by time
 
 
 MAX_RESOURCE_IMAGES = 2000
@@ -396,7 +423,8 @@ def train_bundle(
     stage_info: dict[str, dict[str, Any]] = {}
     last_selected = max((method.stages.index(s) for s in stages), default=-1) if stages else -1
     for index, stage in enumerate(method.stages):
-        name = f"{stage}-{_fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))}"
+        model_fp, train_fp = _fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))
+        name = f"{stage}-{model_fp}-{train_fp}"
         if stages is None or stage in stages:
             if ds is None:
                 ds = _decoded_dataset(train_rows, cfg, log)
@@ -405,6 +433,7 @@ def train_bundle(
             trained = True
         else:
             try:
+                name = reusable_run(checkpoint_uri, stage, model_fp, train_fp, cfg.storage)
                 folder = latest_checkpoint(checkpoint_uri, name, cfg.storage)
             except TrainingError as err:
                 if index > last_selected >= 0:
