@@ -86,10 +86,12 @@ class AnomalyMethod:
         raise NotImplementedError
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        """The configuration a stage's result depends on, besides the data and the
-        training settings: a checkpoint is resumed (or reused by a later
-        ``--stages`` run) only when this and the settings of every earlier stage
-        are unchanged. Default: the method's whole config section."""
+        """The configuration a stage's result depends on, besides the data, the
+        training settings and the weights of the networks it builds on (the
+        platform hashes those itself): a checkpoint is resumed, or reused by a
+        later ``--stages`` run, only when this is unchanged. List only what
+        this stage trains with, nothing used only at scoring time. Default: the
+        method's whole config section."""
         data = self.cfg.to_dict()
         return {self.name: data.get(self.name), "image_size": self.cfg.data.image_size}
 

@@ -421,7 +421,7 @@ def train_bundle(
     started = time.time()
     ready = {n: _state_blob(method.networks[n]) for n in method.pretrained_networks}
     stage_info: dict[str, dict[str, Any]] = {}
-    last_selected = max((method.stages.index(s) for s in stages), default=-1) if stages else -1
+    last_selected = max(map(method.stages.index, stages or []), default=-1)
     for index, stage in enumerate(method.stages):
         model_fp, train_fp = _fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))
         name = f"{stage}-{model_fp}-{train_fp}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 from torch import nn
 
@@ -18,11 +20,9 @@ class DenoiserMethod(AnomalyMethod):
     def build_networks(self) -> dict[str, nn.Module]:
         return {"denoiser": build_unet(self.cfg.denoiser, self.cfg.data.image_size)}
 
-    @property
+    @cached_property
     def schedule(self) -> NoiseSchedule:
-        if not hasattr(self, "_schedule"):
-            self._schedule = NoiseSchedule.from_config(self.cfg.denoiser)
-        return self._schedule
+        return NoiseSchedule.from_config(self.cfg.denoiser)
 
     def stage_networks(self, stage: str) -> list[str]:
         if stage != "denoiser":

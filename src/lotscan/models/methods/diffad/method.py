@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -120,11 +121,9 @@ class DiffADMethod(AnomalyMethod):
             "segmenter": build_segmenter(self.cfg),
         }
 
-    @property
+    @cached_property
     def schedule(self) -> NoiseSchedule:
-        if not hasattr(self, "_schedule"):
-            self._schedule = NoiseSchedule.from_config(self.cfg.diffad.latent_denoiser)
-        return self._schedule
+        return NoiseSchedule.from_config(self.cfg.diffad.latent_denoiser)
 
     @property
     def latent_denoiser(self) -> LatentDenoiser:

@@ -19,6 +19,7 @@ or on how the units are split.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -86,11 +87,9 @@ class DRDCMethod(AnomalyMethod):
                                in_channels=6 if d.model_conditioning else 3, out_channels=3)
         return {"backbone": backbone, "reconstructor": reconstructor, "inpainter": inpainter}
 
-    @property
+    @cached_property
     def schedule(self) -> NoiseSchedule:
-        if not hasattr(self, "_schedule"):
-            self._schedule = NoiseSchedule.from_config(self.cfg.drdc.inpainter)
-        return self._schedule
+        return NoiseSchedule.from_config(self.cfg.drdc.inpainter)
 
     def init_pretrained(self, read_bytes: Callable[[str], bytes]) -> dict[str, str]:
         d = self.cfg.drdc
