@@ -242,8 +242,8 @@ def test_signals_do_not_depend_on_batch_or_unit_split():
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 255, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
     seeds = [101, 102]
-    together = Scorer(method, max_forward_batch=2).signals(batch, seeds)  # one unit per chunk
-    alone = Scorer(method, max_forward_batch=64).signals(batch[1:], seeds[1:])  # all units at once
+    together = Scorer(method, max_units_per_pass=2).signals(batch, seeds)  # one unit per chunk
+    alone = Scorer(method, max_units_per_pass=64).signals(batch[1:], seeds[1:])  # all units at once
     for name in method.signal_names:
         assert torch.allclose(together[name][1], alone[name][0], atol=1e-5), name
     other_seed = Scorer(method).signals(batch[1:], [999])

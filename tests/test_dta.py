@@ -141,7 +141,7 @@ def test_ddim_one_step_is_tweedie_and_schedules_end_clean():
 def test_scores_do_not_depend_on_batch_composition():
     torch.manual_seed(0)
     method = build_method(tiny_cfg(num_levels=4))
-    scorer = Scorer(method, max_forward_batch=7)
+    scorer = Scorer(method, max_units_per_pass=7)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, size=(4, 16, 16, 3), dtype=np.uint8)
     seeds = [101, 102, 103, 104]

@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(0)
     rows = []
     for bs in args.batch_size or [1, 8]:
-        scorer = Scorer(bundle.method, bundle.calibration, device,
-                        max_forward_batch=max(1, bs * bundle.method.num_units()))
+        scorer = Scorer(bundle.method, bundle.calibration, device)
         images = rng.integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
         seeds = list(range(bs))
         scorer.score(images, seeds)  # warm-up

@@ -33,7 +33,7 @@ MANIFEST = "bundle.json"
 SCORING_OVERRIDES: dict[str, set[str] | None] = {
     "storage": None,  # any field: storage is where this deployment runs
     "train": None,  # ignored when scoring
-    "score": {"batch_size", "num_actors", "num_gpus_per_actor", "torch_threads",
+    "score": {"batch_size", "max_units_per_pass", "num_actors", "num_gpus_per_actor", "torch_threads",
               "decode_batch_size", "heatmap_format", "heatmap_png_max", "report_top_k"},
     "data": {"max_image_pixels", "max_image_bytes"},
     "serve": None,  # any field: how the endpoint runs, not what it computes

@@ -4,8 +4,12 @@ Shared by every method and by every way of running one (the batch job's actors,
 calibration, the Serve app), so that an image gets the same score everywhere:
 
 1. uint8 RGB images -> float tensors in [-1, 1];
-2. the method's work units, chunked so at most ``max_forward_batch`` image-units
-   go through the networks at once, reduced with :func:`combine_partials`;
+2. the method's work units, run in passes of at most ``max_units_per_pass``
+   image-units (images x units) each, reduced with :func:`combine_partials`.
+   The cap bounds activation memory and keeps the per-image cost flat as the
+   batch grows (one giant pass is slower per image on CPU and can run out of
+   memory on a GPU); a pass that runs out of device memory is retried as
+   smaller passes;
 3. ``finalize`` -> raw per-pixel signals, each mean-filtered;
 4. each signal normalised with the range calibrated on held-out normal images
    (stored in the bundle; never per image);
@@ -81,28 +85,74 @@ def image_scores(maps: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 class Scorer:
-    """A method, its calibration and a device: the one place scores are computed."""
+    """A method, its calibration and a device: the one place scores are computed.
+
+    ``max_units_per_pass`` (default ``score.max_units_per_pass`` of the method's
+    config) caps the image-units of one forward pass, for every caller: the
+    batch job's actors, calibration, Serve and ``lotscan bench``.
+    """
 
     def __init__(
         self,
         method: AnomalyMethod,
         calibration: Calibration | None = None,
         device: torch.device | str = "cpu",
-        max_forward_batch: int = 64,
+        max_units_per_pass: int | None = None,
     ):
         self.method = method.to(device).eval()
         self.calibration = calibration
         self.device = torch.device(device)
-        self.max_forward_batch = max_forward_batch
         self.cfg = method.cfg
+        cap = self.cfg.score.max_units_per_pass if max_units_per_pass is None else max_units_per_pass
+        if cap < 1:
+            raise ValueError(f"max_units_per_pass must be >= 1, got {cap}")
+        self.max_units_per_pass = int(cap)
 
-    def unit_chunks(self, batch_size: int) -> list[list[int]]:
-        per_chunk = max(1, self.max_forward_batch // max(batch_size, 1))
-        units = list(range(self.method.num_units()))
-        return [units[i:i + per_chunk] for i in range(0, len(units), per_chunk)]
+    def passes(self, batch_size: int, units: Sequence[int] | None = None) -> list[tuple[slice, list[int]]]:
+        """(image slice, unit chunk) of each forward pass for ``batch_size`` images:
+        at most ``max_units_per_pass`` image-units each. Images are split first
+        when they alone exceed the cap; the units are then chunked to fill it."""
+        units = list(range(self.method.num_units())) if units is None else [int(u) for u in units]
+        cap = self.max_units_per_pass
+        images_per_pass = max(1, min(batch_size, cap))
+        units_per_pass = max(1, cap // images_per_pass)
+        out = []
+        for start in range(0, batch_size, images_per_pass):
+            rows = slice(start, min(batch_size, start + images_per_pass))
+            for i in range(0, len(units), units_per_pass):
+                out.append((rows, units[i:i + units_per_pass]))
+        return out
 
-    def partial(self, x: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
-        return self.method.partial(x, seeds, units)
+    def partial(self, x: torch.Tensor, seeds: Sequence[int], units: Sequence[int] | None = None) -> Partial:
+        """The combined partial of ``units`` (default: all) for model inputs ``x``,
+        computed in capped passes. A pass that runs out of device memory halves
+        the cap and is tried again (down to one image-unit)."""
+        seeds = [int(s) for s in seeds]
+        while True:
+            try:
+                return self._partial(x, seeds, units)
+            except torch.OutOfMemoryError:
+                if self.max_units_per_pass == 1:
+                    raise
+                self.max_units_per_pass = max(1, self.max_units_per_pass // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _partial(self, x: torch.Tensor, seeds: list[int], units: Sequence[int] | None) -> Partial:
+        by_rows: dict[tuple[int, int], list[Partial]] = {}
+        for rows, chunk in self.passes(x.shape[0], units):
+            by_rows.setdefault((rows.start, rows.stop), []).append(
+                self.method.partial(x[rows], seeds[rows], chunk))
+        parts = [combine_partials(by_rows[key]) for key in sorted(by_rows)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def signals_from_partial(self, partial: Partial) -> dict[str, torch.Tensor]:
+        """Smoothed raw signals from the partial of all units."""
+        raw = self.method.finalize(partial)
+        k = self.cfg.score.smoothing_kernel
+        return {name: mean_filter(raw[name].float(), k) for name in self.method.signal_names}
 
     def signals(self, images: np.ndarray, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
         """Smoothed raw signals for uint8 images (B, H, W, 3)."""
@@ -110,12 +160,7 @@ class Scorer:
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
         x = to_model_input(images, self.device)
         with torch.no_grad():
-            partial = combine_partials(
-                self.partial(x, seeds, chunk) for chunk in self.unit_chunks(len(images))
-            )
-            raw = self.method.finalize(partial)
-        k = self.cfg.score.smoothing_kernel
-        return {name: mean_filter(raw[name].float(), k) for name in self.method.signal_names}
+            return self.signals_from_partial(self.partial(x, seeds))
 
     def fuse(self, signals: dict[str, torch.Tensor], calibration: Calibration) -> torch.Tensor:
         normalised = {
@@ -125,9 +170,18 @@ class Scorer:
         return self.method.fuse(normalised)
 
     def score(self, images: np.ndarray, seeds: Sequence[int]) -> ScoreResult:
+        return self.result(self.signals(images, seeds))
+
+    def score_partial(self, partial: Partial) -> ScoreResult:
+        """Score images from the combined partial of all their units (the
+        fan-out path: partials computed elsewhere and reduced by image)."""
+        with torch.no_grad():
+            return self.result(self.signals_from_partial(partial))
+
+    def result(self, signals: dict[str, torch.Tensor]) -> ScoreResult:
         if self.calibration is None:
             raise RuntimeError("this scorer has no calibration; calibrate the model first")
-        maps = self.fuse(self.signals(images, seeds), self.calibration)
+        maps = self.fuse(signals, self.calibration)
         scores = image_scores(maps, self.cfg.score.image_score_pool)
         scores_np = scores.double().cpu().numpy()
         return ScoreResult(

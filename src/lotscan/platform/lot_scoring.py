@@ -91,9 +91,7 @@ class ScoreBatch:
         bundle = open_bundle(model_uri, storage_config(overrides), overrides=overrides)
         self.cfg = bundle.config
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        units = bundle.method.num_units()
-        self.scorer = Scorer(bundle.method, bundle.calibration, device,
-                             max_forward_batch=max(1, self.cfg.score.batch_size * units))
+        self.scorer = Scorer(bundle.method, bundle.calibration, device)
         self.model_id = bundle.model_id
         self.threshold = float(bundle.calibration.threshold)
         self.out_uri = out_uri

@@ -393,9 +393,7 @@ class LotscanModel:
             raise RuntimeError("this replica was given a GPU but torch sees no CUDA device")
         if self.serve_cfg.torch_threads > 0:
             torch.set_num_threads(self.serve_cfg.torch_threads)
-        units = bundle.method.num_units()
-        self.scorer = Scorer(bundle.method, bundle.calibration, self.device,
-                             max_forward_batch=max(1, self.serve_cfg.max_batch_size * units))
+        self.scorer = Scorer(bundle.method, bundle.calibration, self.device)
         self._score_batch.set_max_batch_size(self.serve_cfg.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.serve_cfg.batch_wait_timeout_s)
         # One scoring thread: batches and health probes never overlap on the device.

@@ -349,7 +349,7 @@ def _calibration_task(cfg_dict: dict, blobs: dict[str, bytes], rows: list[dict])
     for name, blob in blobs.items():
         method.networks[name].load_state_dict(load_st(blob))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer(method, device=device, max_forward_batch=cfg.score.batch_size * method.num_units())
+    scorer = Scorer(method, device=device)
 
     def batches():
         bs = cfg.score.batch_size
