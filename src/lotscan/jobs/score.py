@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lotscan.platform.lot_scoring import score_lots
+    from lotscan.platform.scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
 
     overrides = overrides_from_args(args)
