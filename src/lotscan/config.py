@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 METHODS = ("recon", "dta", "diffad", "drdc")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,14 @@ class StorageConfig:
     ``AWS_ENDPOINT_URL`` from the environment, else AWS itself."""
     region: str | None = None
     anon: bool = False
+    allowed_buckets: list[str] = field(default_factory=list)
+    """Buckets (plain names, no ``s3://``, no prefix) that ``s3://`` URIs may
+    name; empty (the default, for a laptop) allows any. The environment variable
+    ``LOTSCAN_ALLOWED_BUCKETS`` (comma-separated, set by the cluster manifests on
+    every pod) applies too; when both are set a bucket must be in both. A URI
+    in another bucket is a StorageError naming it, before any request is made.
+    Defence in depth next to the IAM policy (docs/security.md); local paths are
+    not affected."""
 
 
 @dataclass
@@ -487,6 +497,9 @@ class LotscanConfig:
                 "calibration.low_quantile/high_quantile",
                 "need 0 <= low < high <= 1",
             ),
+            (all(isinstance(b, str) and _BUCKET_NAME.fullmatch(b) for b in self.storage.allowed_buckets),
+             "storage.allowed_buckets",
+             "entries must be bucket names (3-63 lowercase letters, digits, '.', '-'; no s3://, no prefix)"),
             (1 <= self.serve.port <= 65535, "serve.port", "must be in [1, 65535]"),
             (self.serve.num_replicas >= 1, "serve.num_replicas", "must be >= 1"),
             (0 <= self.serve.min_replicas <= self.serve.max_replicas and self.serve.max_replicas >= 1,
