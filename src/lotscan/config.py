@@ -93,9 +93,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 250
     log_every_steps: int = 25
     seed: int = 0
-    augment_flips: bool = True
-    """Random horizontal/vertical flips of the normal images (textures are
-    flip-invariant; switch off for objects with an orientation)."""
+    augment_flips: bool | None = None
+    """Random horizontal/vertical flips of the normal images. ``None``: the
+    method's default (``default_augment_flips``): off for ``drdc`` (its paper
+    trains with "no augmented data involved"), on for the others (chosen:
+    textures are flip-invariant). Switch off for objects with an orientation."""
 
 
 @dataclass
@@ -315,9 +317,12 @@ class ScoreConfig:
     """Intra-op threads of each scoring actor; 0 keeps Ray's default (the
     actor's CPU share). Raise it on CPU-only machines with idle cores."""
     decode_batch_size: int = 16
-    smoothing_kernel: int = 5
+    smoothing_kernel: int | None = None
     """Side of the mean filter applied to every per-pixel signal before
-    normalisation (1 disables it). Chosen: 5 px at 64 px input."""
+    normalisation (1 disables it). ``None``: the method's default
+    (``default_smoothing_kernel``): 1 for ``diffad`` (its official code
+    evaluates pixels on the raw segmentation softmax), 5 for the others
+    (chosen: 5 px at 64 px input; DRDC's Eq. 16 mean filter)."""
     image_score_pool: int = 5
     """Image score = max of the anomaly map average-pooled with this kernel."""
     heatmap_format: str = "npy"
@@ -477,8 +482,9 @@ class LotscanConfig:
             (self.score.batch_size >= 1, "score.batch_size", "must be >= 1"),
             (self.score.max_units_per_pass >= 1, "score.max_units_per_pass", "must be >= 1"),
             (self.score.num_actors >= 1, "score.num_actors", "must be >= 1"),
-            (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1,
-             "score.smoothing_kernel", "must be an odd number >= 1"),
+            (self.score.smoothing_kernel is None
+             or (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1),
+             "score.smoothing_kernel", "must be an odd number >= 1, or null for the method's default"),
             (self.score.image_score_pool >= 1, "score.image_score_pool", "must be >= 1"),
             (self.score.heatmap_format in ("npy", "png16"), "score.heatmap_format", "must be npy or png16"),
             (0.0 < self.calibration.normal_fpr < 1.0, "calibration.normal_fpr", "must be in (0, 1)"),

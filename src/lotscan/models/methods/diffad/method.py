@@ -271,7 +271,8 @@ class DiffADMethod(AnomalyMethod):
             fresh["x_inter"] = x_inter
         batch = fresh
         if fresh_n < n:
-            cached = cache.draw(n - fresh_n, generator, self.cfg.train.augment_flips,
+            flips = self.cfg.train.augment_flips
+            cached = cache.draw(n - fresh_n, generator, self.default_augment_flips if flips is None else flips,
                                 images.device, images.dtype)
             batch = {k: torch.cat([fresh[k], cached[k]]) for k in fresh}
         if use_cache:
