@@ -73,7 +73,15 @@ class DenoiserConfig:
     """GroupNorm groups; every entry of block_out_channels must divide by it."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
-    """``linear`` (DDPM, beta 1e-4..0.02) or ``squaredcos_cap_v2`` (cosine)."""
+    """``linear`` (DDPM), ``scaled_linear`` (linear in sqrt(beta), the latent
+    diffusion models' ``linear``) or ``squaredcos_cap_v2`` (cosine, which
+    ignores the beta range below)."""
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    """Range of the betas, passed to diffusers' ``DDPMScheduler``. The defaults
+    are DDPMScheduler's own (DDPM's 1e-4..0.02), so every schedule made before
+    these fields existed is unchanged; DiffAD's latent denoiser sets its
+    official 0.0015..0.02."""
 
 
 @dataclass
@@ -171,25 +179,32 @@ class SegmenterConfig:
 @dataclass
 class DiffADConfig:
     """DiffAD (Zhang et al., ICCV 2023): latent diffusion with a noisy condition
-    embedding, interpolated channels and a discriminative segmenter."""
+    embedding, interpolated channels and a discriminative segmenter. "Official
+    code" below is the authors' repository (Loco-Roco/DiffAD), whose data
+    pipeline is DRAEM's (VitjanZ/DRAEM ``data_loader.py``)."""
 
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent_denoiser: DenoiserConfig = field(
         default_factory=lambda: DenoiserConfig(
             block_out_channels=[64, 128], layers_per_block=2, norm_num_groups=16,
-            beta_schedule="scaled_linear"))
-    """The latent UNet over ``concat(z_t, c)``. ``scaled_linear`` is the latent
-    diffusion models' schedule (chosen; the paper does not name one)."""
+            beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.02))
+    """The latent UNet over ``concat(z_t, c)``. Schedule: the official
+    ``configs/mvtec.yaml`` (``linear_start: 0.0015``, ``linear_end: 0.02``,
+    1000 steps, LDM's ``linear`` schedule, which is linear in sqrt(beta), i.e.
+    diffusers' ``scaled_linear``): alpha_bar(250) = 0.505, where diffusers'
+    default range 1e-4..0.02 gives 0.820, a far less noisy condition."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     condition_noise: str = "noisy"
     """Training condition of the latent UNet: ``noisy`` (the paper: ``c = E(x_a)``
     forward-noised to its own uniformly drawn timestep) or ``clean`` (the
     paper's ``DiffAD_c`` ablation)."""
     sample_steps: int = 10
-    """DDIM steps (eta 0) from pure noise to the reconstructed latent ``z_r``."""
+    """DDIM steps (eta 0) from pure noise to the reconstructed latent ``z_r``
+    (the official test script: ``S=10``)."""
     sample_condition_level: int = 0
     """Timestep the condition is noised to at scoring; 0 is the paper's clean
-    condition ("samples ... with clean anomalous condition inputs")."""
+    condition ("samples ... with clean anomalous condition inputs"; the
+    official test script passes the clean ``c``)."""
     interpolated_channels: bool = True
     """Feed ``concat(x_a, x_inter, x_r)`` to the segmenter; ``false`` feeds
     ``concat(x_a, x_r)`` (the paper's ``DiffAD_no-inter`` ablation)."""
@@ -197,16 +212,29 @@ class DiffADConfig:
     """``x_inter = D(lambda * c + (1 - lambda) * z_r)``; 1.0 decodes the input's
     own latent, the paper's ``x~_a`` ablation."""
     num_samples: int = 1
-    """S: independent reconstructions per image (seeded from the image); the
-    segmentation maps are averaged. Each sample is a work unit."""
+    """S: independent reconstructions per image (seeded from the image), whose
+    segmentation maps are averaged; each sample is a work unit. Not in the
+    paper or the official code (both use one sample): the paper answers its
+    third challenge (one input, several normal patterns) with the interpolated
+    channels. 1, the paper's, by default."""
     segmenter_sample_steps: int = 10
-    """DDIM steps used to make the segmenter's training reconstructions."""
+    """DDIM steps used to make the segmenter's training reconstructions (the
+    official training script uses 50; chosen 10, what scoring uses, so the
+    segmenter trains on the reconstructions it will see)."""
     segmenter_refresh_fraction: float = 0.25
     """Share of each segmenter batch that is synthesized and sampled anew; the
     rest is drawn from a cache of recent (x_a, mask, x_inter, x_r) samples, so
     the sampler does not run for every training sample. 1.0 samples every one."""
     segmenter_cache_size: int = 512
     """Samples kept in that cache (per worker)."""
+    normal_rotation_probability: float = 0.0
+    """Share of normal training images rotated, before anything else, by an
+    angle uniform in [-90, 90] degrees with black corners, in every stage.
+    The official code (DRAEM's loader) does this for 30 % of the images
+    (``torch.rand(1) > 0.7``, ``iaa.Affine(rotate=(-90, 90))``); the paper does
+    not mention it. Chosen 0: test images are never rotated, and the rotated
+    textures and black corners it makes "normal" cost a small model capacity;
+    set 0.3 for the official recipe."""
     anomaly_source_uri: str | None = None
     """Folder, prefix or manifest of texture images pasted into the synthetic
     anomalies (DRAEM used DTD). ``None``: the built-in source, other normal
@@ -217,12 +245,17 @@ class DiffADConfig:
     perlin_min_scale_exp: int = 0
     perlin_max_scale_exp: int = 4
     """Perlin noise grid of 2**a x 2**b cells, a and b drawn in
-    [min_scale_exp, max_scale_exp] (DRAEM: 0..6 at 256 px; 0..4 at 64 px keeps
-    the smallest blobs about 4 px)."""
+    [min_scale_exp, max_scale_exp], both ends included. DRAEM draws a, b in
+    0..5 (``torch.randint(0, 6)``) at 256 px: cells down to 8 px, 1/32 of the
+    side. Chosen 0..4 at 64 px: cells down to 4 px (1/16 of the side); DRAEM's
+    relative scale would mean 2 px cells, its absolute one 0..3."""
     perlin_threshold: float = 0.5
     max_opacity: float = 0.8
-    """Blend ``(1 - beta) * image + beta * texture`` with beta uniform in
-    [0, max_opacity) inside the mask (DRAEM: 0.8)."""
+    """DRAEM's bound on beta, the weight the IMAGE keeps inside the mask:
+    ``x_a = beta * x + (1 - beta) * texture`` there, beta uniform in
+    [0, max_opacity), so the texture weighs (1 - max_opacity, 1], i.e.
+    (0.2, 1] with DRAEM's 0.8. (The name is kept so stored configs load; it
+    bounds the image's weight, not the texture's.)"""
 
 
 @dataclass
@@ -516,11 +549,28 @@ class LotscanConfig:
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
-        checks += self._diffad_checks() + self._drdc_checks()
+        checks += self._beta_checks() + self._diffad_checks() + self._drdc_checks()
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"config field {key}: {message}")
         return self
+
+    def _beta_checks(self) -> list[tuple[bool, str, str]]:
+        sections = {"denoiser": self.denoiser, "diffad.latent_denoiser": self.diffad.latent_denoiser,
+                    "drdc.inpainter": self.drdc.inpainter}
+        checks = [(0.0 < d.beta_start < d.beta_end < 1.0, f"{key}.beta_start/beta_end",
+                   "need 0 < beta_start < beta_end < 1") for key, d in sections.items()]
+        # Only DiffAD's schedule reads the beta range so far (diffad/networks.py:
+        # noise_schedule); NoiseSchedule.from_config passes only beta_schedule.
+        # Refuse other values rather than ignore them, until it reads them too.
+        default = DenoiserConfig()
+        for key in ("denoiser", "drdc.inpainter"):
+            d = sections[key]
+            checks.append(((d.beta_start, d.beta_end) == (default.beta_start, default.beta_end),
+                           f"{key}.beta_start/beta_end",
+                           f"only the defaults {default.beta_start}..{default.beta_end} are supported here "
+                           "so far (only diffad.latent_denoiser reads a beta range)"))
+        return checks
 
     def _diffad_checks(self) -> list[tuple[bool, str, str]]:
         d = self.diffad
@@ -559,7 +609,9 @@ class LotscanConfig:
              "diffad.perlin_min_scale_exp/perlin_max_scale_exp",
              "need 0 <= min <= max and 2**max <= data.image_size"),
             (0.0 < d.perlin_threshold < 1.0, "diffad.perlin_threshold", "must be in (0, 1)"),
-            (0.0 < d.max_opacity <= 1.0, "diffad.max_opacity", "must be in (0, 1]"),
+            (0.0 <= d.max_opacity <= 1.0, "diffad.max_opacity", "must be in [0, 1]"),
+            (0.0 <= d.normal_rotation_probability <= 1.0, "diffad.normal_rotation_probability",
+             "must be in [0, 1]"),
         ]
 
     def _drdc_checks(self) -> list[tuple[bool, str, str]]:
