@@ -272,6 +272,20 @@ class TransformerConfig:
     """UniAD's feature jittering during training: Gaussian noise with standard
     deviation ``jitter_scale * |token| / channels`` is added to the input tokens."""
     jitter_probability: float = 1.0
+    neighbor_size: int = 5
+    """UniAD's neighbour-masked attention: no token attends to the tokens of
+    the ``neighbor_size x neighbor_size`` window centred on it (itself
+    included), in the encoder's and in both of the decoder's attentions, so
+    it cannot pass its own feature through. UniAD masks 7 x 7 on its 14 x 14
+    grid (half the side); chosen 5 on the default 8 x 8 grid (the odd size
+    nearest to half the side). Odd, smaller than ``feature_size``; 0 switches
+    the masking off."""
+    layerwise_queries: bool = True
+    """UniAD's layer-wise query decoder: every decoder layer has its own
+    learned query embedding, which attends to the encoder output and then to
+    the previous layer's output. ``false``: one learned query embedding fed to
+    the first layer of a standard transformer decoder (lotscan before this
+    option)."""
 
 
 @dataclass
@@ -310,17 +324,36 @@ class DRDCConfig:
     num_mask_sets: int = 2
     """P: disjoint sets the cells are split into (the paper found splitting into
     known and unknown halves best)."""
-    start_timesteps: list[int] = field(default_factory=lambda: [200, 250])
-    """Reverse diffusion starts from each of these timesteps (chosen: the paper
-    found initial indices of 200-250 of 1000 best)."""
+    num_partitions: int = 1
+    """Independent random partitions of the cells into the P sets, each
+    contributing its P mask sets as work units; their heatmaps are averaged
+    (the paper's Eq. 15 averages over "different inpainting specifications",
+    whose number is lost from the text). Chosen 1: the cost of a partition is
+    P x ddim_steps UNet calls per image (20 by default); 2 costs what two start
+    timesteps did before."""
+    start_noise: str = "condition"
+    """Where the unknown cells of the start state x_T come from. ``condition``:
+    the condition ``x~`` itself forward-noised to the start timestep, the
+    paper's text ("the regions replaced with noise are ... processed forward
+    as x~_t"), so those cells are correlated with the condition's noise fill
+    (sqrt(alpha_bar_t): 0.72 at t = 250). ``independent``: the same, but with a
+    fresh fill, so the unknown cells of x_T are independent of the
+    condition's fill, as x_t is of the fill in training (the training
+    objective is the same for both)."""
+    start_timesteps: list[int] = field(default_factory=lambda: [250])
+    """Reverse diffusion starts from each of these timesteps. The paper uses
+    one initial index and found 200-250 (of 1000) best; chosen 250. More
+    entries add units (and cost) and are averaged."""
     ddim_steps: int = 10
-    """DDIM steps (eta 0) from each start timestep to the clean image."""
+    """DDIM steps (eta 0) from each start timestep to the clean image (the
+    paper: "approximately 10")."""
     fuse_trajectory: bool = True
     """Average the heatmaps of the x0 predicted at every reverse step (the
     paper's temporal fusion); ``false`` uses only the final prediction."""
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     """Spatial scales of the error maps (image and inpainting down-sampled,
-    error up-sampled back); chosen."""
+    error up-sampled back); chosen. Each 1/scale must be an integer dividing
+    ``grid_cell``, so a down-sampled pixel never straddles two cells."""
     gamma: float = 0.9
     """Final map ``gamma * refined + (1 - gamma) * base`` on calibrated signals
     (the paper: 0.9 best). 0 is the base model alone and skips the diffusion."""
@@ -635,6 +668,10 @@ class LotscanConfig:
             (tr.feedforward_dim >= 1, "drdc.transformer.feedforward_dim", "must be >= 1"),
             (tr.jitter_scale >= 0 and 0.0 <= tr.jitter_probability <= 1.0,
              "drdc.transformer.jitter_scale/jitter_probability", "need scale >= 0, probability in [0, 1]"),
+            (tr.neighbor_size == 0 or (tr.neighbor_size % 2 == 1 and 1 <= tr.neighbor_size < d.feature_size),
+             "drdc.transformer.neighbor_size",
+             "must be 0 (no masking) or odd and smaller than drdc.feature_size (else a token has "
+             "nothing left to attend to)"),
             (self.data.image_size % 2 ** (len(inp.block_out_channels) - 1) == 0, "data.image_size",
              "must be divisible by 2**(len(drdc.inpainter.block_out_channels) - 1)"),
             (all(c % inp.norm_num_groups == 0 for c in inp.block_out_channels),
@@ -650,8 +687,15 @@ class LotscanConfig:
              and len(set(d.start_timesteps)) == len(d.start_timesteps),
              "drdc.start_timesteps", "must be distinct timesteps in (0, drdc.inpainter.num_train_timesteps)"),
             (d.ddim_steps >= 1, "drdc.ddim_steps", "must be >= 1"),
+            (d.num_partitions >= 1, "drdc.num_partitions", "must be >= 1"),
+            (d.start_noise in ("condition", "independent"), "drdc.start_noise",
+             "must be condition or independent"),
             (len(d.scales) >= 1 and all(0.0 < s <= 1.0 for s in d.scales), "drdc.scales",
              "must be a non-empty list of scales in (0, 1]"),
+            (all(0.0 < s <= 1.0 and abs(1.0 / s - round(1.0 / s)) < 1e-6 and d.grid_cell % round(1.0 / s) == 0
+                 for s in d.scales),
+             "drdc.scales", f"every 1/scale must be an integer dividing drdc.grid_cell={d.grid_cell} "
+             f"(got {d.scales})"),
             (0.0 <= d.gamma <= 1.0, "drdc.gamma", "must be in [0, 1]"),
             (max(d.start_timesteps, default=0) < d.train_max_timestep <= inp.num_train_timesteps,
              "drdc.train_max_timestep",
