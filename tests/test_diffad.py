@@ -308,6 +308,20 @@ def test_latent_schedule_is_the_official_one_and_the_others_are_unchanged():
         load_config(overrides=["diffad.latent_denoiser.beta_start=0.05"])
 
 
+def test_the_latent_denoiser_carries_the_beta_range_it_was_trained_with():
+    method = tiny_method()
+    den = method.networks["latent_denoiser"]
+    assert "beta_range" in den.state_dict()
+    assert den.beta_range.tolist() == [0.0015, 0.02]
+    files = bundle_files(Bundle(method=method, calibration=None))
+    loaded = load_bundle(files.__getitem__, "memory", require_calibration=False).method
+    assert loaded.schedule.alpha_bar(torch.tensor([250]), torch.zeros(1, 1)).item() == pytest.approx(0.505, abs=2e-3)
+    old = tiny_method()
+    old.networks["latent_denoiser"].beta_range.copy_(torch.tensor([1e-4, 0.02], dtype=torch.float64))  # trained before the fix
+    with pytest.raises(ValueError, match="trained with 0.0001..0.02"):
+        _ = old.schedule
+
+
 def test_noise_schedule_refuses_a_schedule_that_ignores_the_range(monkeypatch):
     class Deaf(NoiseSchedule):
         def alpha_bar(self, t, like):  # a table of its own, not alphas_cumprod

@@ -250,6 +250,7 @@ class DiffADConfig:
     side. Chosen 0..4 at 64 px: cells down to 4 px (1/16 of the side); DRAEM's
     relative scale would mean 2 px cells, its absolute one 0..3."""
     perlin_threshold: float = 0.5
+    """Perlin values above it are inside the mask (DRAEM: 0.5)."""
     max_opacity: float = 0.8
     """DRAEM's bound on beta, the weight the IMAGE keeps inside the mask:
     ``x_a = beta * x + (1 - beta) * texture`` there, beta uniform in
@@ -268,6 +269,8 @@ class TransformerConfig:
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
     feedforward_dim: int = 512
+    """Sizes chosen for a CPU budget; UniAD's MVTec model (the base DRDC builds
+    on) has hidden 256, 8 heads, 4 encoder and 4 decoder layers, feed-forward 1024."""
     jitter_scale: float = 20.0
     """UniAD's feature jittering during training: Gaussian noise with standard
     deviation ``jitter_scale * |token| / channels`` is added to the input tokens."""
@@ -307,11 +310,13 @@ class DRDCConfig:
     """The image is resized to this side for the backbone (chosen: 128 px keeps
     the stride-16 stage at 8 x 8 on CPU; the paper used 224)."""
     feature_size: int = 8
-    """Side of the grid every stage is resized to before concatenation (the
-    paper: 14 at 224 px, i.e. stride 16)."""
+    """Side of the grid every stage is resized to before concatenation (chosen
+    8 at 128 px, stride 16 as the paper's 14 at 224 px)."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     inpainter: DenoiserConfig = field(default_factory=DenoiserConfig)
-    """The pixel-space inpainting UNet."""
+    """The pixel-space inpainting UNet (chosen: the tiny CPU default of
+    ``DenoiserConfig``, DDPM's linear 1e-4..0.02 schedule; the paper uses the
+    UNet of Dhariwal & Nichol with an extra condition input)."""
     model_conditioning: bool = True
     """The UNet sees ``concat(x_t, condition)``, the condition being the image
     with its masked cells filled with noise; ``false`` trains a plain denoiser

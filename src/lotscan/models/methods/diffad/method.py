@@ -138,8 +138,17 @@ class DiffADMethod(AnomalyMethod):
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
-        """The latent denoiser's schedule, with its beta range (official: 0.0015..0.02)."""
-        return noise_schedule(self.cfg.diffad.latent_denoiser)
+        """The latent denoiser's schedule, with its beta range (official:
+        0.0015..0.02), which must be the one its weights were trained with."""
+        ld = self.cfg.diffad.latent_denoiser
+        den = self.networks.get("latent_denoiser")
+        if den is not None:
+            trained = tuple(float(v) for v in den.beta_range)
+            if not torch.allclose(torch.tensor(trained), torch.tensor([ld.beta_start, ld.beta_end]), rtol=1e-9):
+                raise ValueError(
+                    f"diffad.latent_denoiser.beta_start/beta_end = {ld.beta_start}..{ld.beta_end}, but the "
+                    f"latent denoiser was trained with {trained[0]}..{trained[1]}")
+        return noise_schedule(ld)
 
     @property
     def latent_denoiser(self) -> LatentDenoiser:

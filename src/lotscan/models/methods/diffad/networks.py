@@ -82,12 +82,17 @@ class LatentDenoiser(nn.Module):
     and cannot be separated from them.
     """
 
-    def __init__(self, unet: nn.Module, latent_channels: int):
+    def __init__(self, unet: nn.Module, latent_channels: int, beta_range: tuple[float, float] = (1e-4, 0.02)):
         super().__init__()
         self.unet = unet
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        # The (beta_start, beta_end) the UNet is trained with, saved with its
+        # weights: a bundle scored under another schedule is an error, not a
+        # silently different sampler (bundles made before the range was
+        # configurable lack it and do not load).
+        self.register_buffer("beta_range", torch.tensor(beta_range, dtype=torch.float64))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -128,7 +133,8 @@ def build_latent_denoiser(cfg: LotscanConfig) -> LatentDenoiser:
     channels = cfg.diffad.autoencoder.latent_channels
     unet = build_unet(cfg.diffad.latent_denoiser, latent_size(cfg),
                       in_channels=2 * channels, out_channels=channels)
-    return LatentDenoiser(unet, channels)
+    ld = cfg.diffad.latent_denoiser
+    return LatentDenoiser(unet, channels, (ld.beta_start, ld.beta_end))
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
