@@ -4,6 +4,7 @@ Unless verbose (``--verbose``, i.e. ``LOTSCAN_VERBOSE=1``), Ray's own output
 goes to one log file (:func:`lotscan.platform.console.log_path`) and the
 console shows lotscan's lines only:
 
+* Python warnings raised in Ray's modules go to the file;
 * the driver's Ray loggers (``ray``, ``ray.data``, ``ray.train``, ``ray.tune``,
   ``ray.serve``) write to the file instead of the console, errors included
   (the job's own error handling reports what went wrong);
@@ -31,6 +32,7 @@ import os
 import re
 import threading
 import time
+import warnings
 
 import ray
 
@@ -111,6 +113,28 @@ class WorkerLineFilter:
             console.echo(text)
 
 
+def _route_ray_warnings(path: str) -> None:
+    """Python warnings raised inside Ray's own modules go to the log file (a
+    deprecation notice of Ray's is not the operator's business); others print."""
+    if getattr(warnings.showwarning, "_lotscan", False):
+        return
+    original = warnings.showwarning
+    marker = f"{os.sep}ray{os.sep}"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if marker in str(filename):
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(warnings.formatwarning(message, category, filename, lineno, line))
+            except OSError:
+                pass
+            return
+        original(message, category, filename, lineno, file, line)
+
+    show._lotscan = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def _route_worker_output(path: str) -> bool:
     """Replace Ray's worker-output printer with :class:`WorkerLineFilter`."""
     try:
@@ -149,6 +173,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         path = console.log_path("ray")
         file_handler = _file_handler(path)
         _quiet_driver_loggers(file_handler)
+        _route_ray_warnings(path)
         _state["log_path"] = path
         print(f"[lotscan] Ray's logs: {path} (--verbose shows them here)", flush=True)
     address = address or os.environ.get("RAY_ADDRESS")
