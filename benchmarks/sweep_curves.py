@@ -89,7 +89,7 @@ def main() -> None:
             print(f"level {t}: done", flush=True)
 
     def metrics(maps: torch.Tensor) -> dict[str, float]:
-        maps = mean_filter(maps, cfg.score.smoothing_kernel)
+        maps = mean_filter(maps, cfg.score.smoothing_kernel or method.default_smoothing_kernel)
         up = F.interpolate(maps.unsqueeze(1), size=full, mode="bilinear", align_corners=False)[:, 0]
         arr = [m.numpy().astype(np.float64) for m in up]
         return {"pixel_auroc": round(pixel_auroc(masks, arr), 4), "pixel_ap": round(pixel_ap(masks, arr), 4)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lotscan.config import ConfigError, load_config
-from lotscan.models.bundle import Bundle, BundleError
+from lotscan.models.bundle import Bundle, BundleError, content_model_id
 from lotscan.models.registry import build_method
 from lotscan.models.scoring import Calibration, Scorer
 from lotscan.platform.bundles import open_bundle, save_bundle
@@ -112,6 +112,12 @@ def test_bundle_with_mismatched_weights_is_refused(tmp_path):
     save_bundle(bundle, str(where), storage)
     manifest = json.loads((where / "bundle.json").read_text())
     manifest["config"]["denoiser"]["block_out_channels"] = [8, 8]
+    (where / "bundle.json").write_text(json.dumps(manifest))
+    # An edited config no longer matches the model id ...
+    with pytest.raises(BundleError, match="does not match the content"):
+        open_bundle(str(where), storage)
+    # ... and with the id recomputed, the weights no longer fit the network.
+    manifest["model_id"] = content_model_id(manifest)
     (where / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="does not fit the denoiser"):
         open_bundle(str(where), storage)

@@ -10,18 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lotscan.config import from_dict
+from lotscan.config import ConfigError, from_dict, load_config
 from lotscan.models.bundle import Bundle, bundle_files, load_bundle
+from lotscan.models.diffusion import NoiseSchedule
 from lotscan.models.methods.diffad import DiffADMethod
+from lotscan.models.methods.diffad import networks as diffad_networks
 from lotscan.models.methods.diffad.anomaly import (
     AnomalySynthesizer,
     SynthesizerSettings,
     perlin_noise,
+    rotate_images,
+    rotate_normal_images,
 )
 from lotscan.models.methods.diffad.loss import focal_loss
 from lotscan.models.methods.diffad.method import SampleCache
 from lotscan.models.reduction import combine_partials
 from lotscan.models.registry import build_method
+from lotscan.models.scoring import Calibration, Scorer, mean_filter
 
 
 @pytest.fixture(autouse=True)
@@ -131,9 +136,13 @@ def test_synthesizer_is_seeded_and_keeps_outside_the_mask():
     assert torch.equal(a.x_a[outside], x[outside])
     inside = ~outside
     assert inside.any()
-    bound = 0.8 * (a.texture - x).abs()
-    assert ((a.x_a - x).abs()[inside] <= bound[inside] + 1e-6).all()
-    assert (a.opacity < 0.8).all() and (a.opacity >= 0).all()
+    # Inside the mask the texture weighs 1 - beta in (0.2, 1] (DRAEM's blend).
+    gap = (a.texture - x).abs()
+    assert ((a.x_a - x).abs()[inside] <= gap[inside] + 1e-6).all()
+    assert ((a.x_a - x).abs()[inside] >= 0.2 * gap[inside] - 1e-6).all()
+    anomalous = a.mask.flatten(1).amax(dim=1) > 0
+    assert ((a.beta[anomalous] >= 0) & (a.beta[anomalous] < 0.8)).all()
+    assert torch.equal(a.beta[~anomalous], torch.ones(int((~anomalous).sum())))
 
 
 def test_anomaly_share_and_mask_coverage():
@@ -167,8 +176,8 @@ def test_given_textures_are_pasted_inside_the_mask():
         # Flips, rotations and colour jitter keep a constant texture constant.
         assert (tex.max(dim=1).values - tex.min(dim=1).values).max() < 1e-6
         m = out.mask[i, 0] > 0
-        beta = out.opacity[i]
-        expected = (1 - beta) * x[i] + beta * out.texture[i]
+        beta = out.beta[i]
+        expected = beta * x[i] + (1 - beta) * out.texture[i]
         assert torch.allclose(out.x_a[i][:, m], expected[:, m], atol=1e-6)
     # The built-in source (other images of the batch) is not constant.
     synth.set_textures(None)
@@ -177,6 +186,54 @@ def test_given_textures_are_pasted_inside_the_mask():
     # A batch of one gets a procedural texture.
     single = synth(x[:1], torch.Generator().manual_seed(1))
     assert single.texture.shape == (1, 3, 32, 32) and single.mask.sum() > 0
+
+
+def test_texture_weighs_one_minus_beta_in_draems_range():
+    """DRAEM's and DiffAD's code: inside the mask x_a = beta * x + (1 - beta) * texture
+    with beta uniform in [0, 0.8), so the texture weighs (0.2, 1] (it weighed
+    [0, 0.8) before: some "anomalies" were nearly invisible)."""
+    synth = synthesizer(anomaly_probability=1.0)
+    white = np.full((1, 32, 32, 3), 255, dtype=np.uint8)
+    synth.set_textures(white)
+    x = torch.full((64, 3, 32, 32), -1.0)
+    out = synth(x, torch.Generator().manual_seed(0))
+    weights = []
+    for i in range(64):
+        m = out.mask[i, 0] > 0
+        assert m.any()
+        tex = out.texture[i][:, m]
+        assert (tex - x[i][:, m]).min() > 0.5  # the jittered white stays far from black
+        w = (out.x_a[i][:, m] - x[i][:, m]) / (tex - x[i][:, m])
+        assert torch.allclose(w, torch.full_like(w, float(1 - out.beta[i])), atol=1e-5)
+        weights.append(float(w.mean()))
+    weights = torch.tensor(weights)
+    assert (weights > 0.2).all() and (weights <= 1.0 + 1e-6).all()
+    assert weights.min() < 0.3 and weights.max() > 0.9  # the whole (0.2, 1] range is used
+
+
+def test_rotation_of_normal_images():
+    x = images(3)
+    quarter = rotate_images(x, torch.full((3,), 90.0))
+    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-4)
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    turned = rotate_images(flat, torch.tensor([45.0]))
+    assert torch.allclose(turned[..., 12:20, 12:20], flat[..., 12:20, 12:20], atol=1e-5)
+    assert torch.allclose(turned[..., 0, 0], torch.full((1, 3), -1.0))  # black corners, as imgaug's
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert rotate_normal_images(x, 0.0, g) is x and torch.equal(g.get_state(), state)
+    many = images(400, seed=1)
+    rotated = rotate_normal_images(many, 0.3, g)
+    changed = (rotated - many).flatten(1).abs().amax(dim=1) > 1e-3
+    assert 0.22 < changed.float().mean().item() < 0.38
+    # Every stage trains on the rotated images.
+    method = tiny_method(normal_rotation_probability=1.0)
+    seen = []
+    method._autoencoder_loss = lambda net, imgs, gen: seen.append(imgs) or torch.zeros(())
+    batch = images(4)
+    method.training_loss("autoencoder", {"autoencoder": None}, batch, torch.Generator().manual_seed(1))
+    assert not torch.allclose(seen[0], batch)
+    assert tiny_method().cfg.diffad.normal_rotation_probability == 0.0
 
 
 def test_texture_resources_reach_the_synthesizer():
@@ -225,6 +282,54 @@ def test_stage_loss_trains_only_its_network(stage):
             assert grads and any(g.abs().sum() > 0 for g in grads)
         else:
             assert not grads, f"{stage} loss reached {name}"
+
+
+def test_latent_schedule_is_the_official_one_and_the_others_are_unchanged():
+    """DiffAD's configs/mvtec.yaml: linear_start 0.0015, linear_end 0.02 on LDM's
+    'linear' (linear in sqrt(beta)) schedule: alpha_bar(250) = 0.505, not the
+    0.820 of diffusers' default range."""
+    method = tiny_method()
+    betas = np.linspace(0.0015 ** 0.5, 0.02 ** 0.5, 1000, dtype=np.float64) ** 2
+    reference = np.cumprod(1 - betas)
+    t = torch.tensor([0, 100, 250, 999])
+    got = method.schedule.alpha_bar(t, torch.zeros(4, 1)).view(-1).double().numpy()
+    np.testing.assert_allclose(got, reference[t.numpy()], rtol=1e-4)
+    assert got[2] == pytest.approx(0.505, abs=0.002)
+    # The pixel-space denoisers keep DDPM's linear 1e-4..0.02 (recon, dta, drdc).
+    cfg = from_dict({}).validate()
+    linear = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    for section in (cfg.denoiser, cfg.drdc.inpainter):
+        assert (section.beta_start, section.beta_end) == (1e-4, 0.02)
+        np.testing.assert_allclose(NoiseSchedule.from_config(section).alphas_cumprod.numpy(), linear, rtol=1e-4)
+    # Ranges other code does not read yet are refused, never ignored.
+    with pytest.raises(ConfigError, match=r"denoiser\.beta_start/beta_end"):
+        load_config(overrides=["denoiser.beta_start=0.001"])
+    with pytest.raises(ConfigError, match=r"diffad\.latent_denoiser\.beta_start/beta_end"):
+        load_config(overrides=["diffad.latent_denoiser.beta_start=0.05"])
+
+
+def test_the_latent_denoiser_carries_the_beta_range_it_was_trained_with():
+    method = tiny_method()
+    den = method.networks["latent_denoiser"]
+    assert "beta_range" in den.state_dict()
+    assert den.beta_range.tolist() == [0.0015, 0.02]
+    files = bundle_files(Bundle(method=method, calibration=None))
+    loaded = load_bundle(files.__getitem__, "memory", require_calibration=False).method
+    assert loaded.schedule.alpha_bar(torch.tensor([250]), torch.zeros(1, 1)).item() == pytest.approx(0.505, abs=2e-3)
+    old = tiny_method()
+    old.networks["latent_denoiser"].beta_range.copy_(torch.tensor([1e-4, 0.02], dtype=torch.float64))  # trained before the fix
+    with pytest.raises(ValueError, match="trained with 0.0001..0.02"):
+        _ = old.schedule
+
+
+def test_noise_schedule_refuses_a_schedule_that_ignores_the_range(monkeypatch):
+    class Deaf(NoiseSchedule):
+        def alpha_bar(self, t, like):  # a table of its own, not alphas_cumprod
+            return torch.ones(len(t), 1, dtype=like.dtype)
+
+    monkeypatch.setattr(diffad_networks, "NoiseSchedule", Deaf)
+    with pytest.raises(RuntimeError, match="does not follow beta_start=0.0015"):
+        diffad_networks.noise_schedule(tiny_cfg().diffad.latent_denoiser)
 
 
 def test_latent_statistics_follow_the_batches():
@@ -288,6 +393,25 @@ def test_segmenter_refreshes_only_a_share_once_the_cache_is_full():
     assert sampled == [4, 2]
 
 
+@pytest.mark.parametrize("setting, expected", [(None, True), (False, False), (True, True)])
+def test_cache_flips_follow_the_setting_or_the_method_default(setting, expected):
+    method = tiny_method(segmenter_refresh_fraction=0.25, segmenter_cache_size=4)
+    method.cfg.train.augment_flips = setting
+    seen = []
+    original = method.segmenter_cache.draw
+
+    def spy(k, generator, flips, device, dtype):
+        seen.append(flips)
+        return original(k, generator, flips, device, dtype)
+
+    method.segmenter_cache.draw = spy
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        method.segmenter_batch(images(4, step), g)
+    assert seen == [expected]
+    assert DiffADMethod.default_augment_flips is True
+
+
 def test_cached_samples_are_flipped_consistently():
     cache = SampleCache(16)
     g = torch.Generator().manual_seed(0)
@@ -305,14 +429,17 @@ def test_cached_samples_are_flipped_consistently():
 def test_stage_settings_hold_only_what_each_stage_depends_on():
     method = tiny_method()
     ae = method.stage_settings("autoencoder")
-    assert set(ae) == {"autoencoder", "image_size"}
+    assert set(ae) == {"autoencoder", "image_size", "normal_rotation_probability"}
     ld = method.stage_settings("latent_denoiser")
     assert {"latent_denoiser", "condition_noise", "perlin_threshold", "anomaly_probability",
             "anomaly_source_uri", "max_opacity"} <= set(ld)
     assert "segmenter" not in ld and "autoencoder" not in ld
     seg = method.stage_settings("segmenter")
     assert {"segmenter", "segmenter_sample_steps", "sample_condition_level", "interpolated_channels",
-            "interpolation_lambda", "segmenter_refresh_fraction", "segmenter_cache_size"} <= set(seg)
+            "interpolation_lambda", "segmenter_refresh_fraction", "segmenter_cache_size",
+            "max_opacity", "perlin_max_scale_exp", "normal_rotation_probability"} <= set(seg)
+    for stage in method.stages:  # the rotation changes what every stage trains on
+        assert tiny_method(normal_rotation_probability=0.3).stage_settings(stage) != method.stage_settings(stage)
     # Scoring-only settings do not invalidate a trained stage.
     other = tiny_method(sample_steps=7, num_samples=3)
     for stage in method.stages:
@@ -362,6 +489,23 @@ def test_different_seeds_and_units_give_different_samples():
     assert not torch.allclose(maps[0], maps[1])
     unit0, unit1 = method.partial(x[:1], [1], [0])["mask_sum"], method.partial(x[:1], [1], [1])["mask_sum"]
     assert not torch.allclose(unit0, unit1)
+
+
+def test_segmentation_is_scored_raw_unless_a_kernel_is_set():
+    """The official code scores pixels on the raw softmax: DiffAD's default kernel
+    is 1. A kernel in the config (e.g. a bundle that stored 5) still applies."""
+    method = scoring_method()
+    assert method.cfg.score.smoothing_kernel is None and DiffADMethod.default_smoothing_kernel == 1
+    x, seeds = images(2), [1, 2]
+    partial = method.partial(x, seeds, [0])
+    raw = method.finalize(partial)["segmentation"]
+    assert torch.equal(Scorer(method).signals_from_partial(partial)["segmentation"], raw)
+    method.cfg.score.smoothing_kernel = 5
+    files = bundle_files(Bundle(method=method, calibration=Calibration({"segmentation": [0.0, 1.0]}, 0.5, 0.01, 2)))
+    loaded = load_bundle(files.__getitem__, "memory").method.eval()
+    assert loaded.cfg.score.smoothing_kernel == 5
+    smoothed = Scorer(loaded).signals_from_partial(partial)["segmentation"]
+    assert torch.allclose(smoothed, mean_filter(raw, 5)) and not torch.allclose(smoothed, raw)
 
 
 def test_scoring_without_interpolated_channels():

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save as save_safetensors
 
-from lotscan.config import from_dict
+from lotscan.config import ConfigError, from_dict
 from lotscan.models.bundle import Bundle, bundle_files, load_bundle
 from lotscan.models.diffusion import NoiseSchedule
+from lotscan.models.method import unit_noise
 from lotscan.models.methods.drdc import DRDCMethod
+from lotscan.models.methods.drdc import method as drdc_method
 from lotscan.models.methods.drdc.backbone import (
     PACKAGE_WEIGHTS,
     efficientnet_lite0_state_dict,
@@ -26,17 +28,26 @@ from lotscan.models.methods.drdc.backbone import (
     package_weight_file,
     resize_to_grid,
 )
-from lotscan.models.methods.drdc.base_model import feature_jitter
+from lotscan.models.methods.drdc.base_model import (
+    FeatureReconstructor,
+    feature_jitter,
+    neighbor_mask,
+)
 from lotscan.models.methods.drdc.inpainting import (
     grid_partition,
     inpaint,
     masked_image,
     partition_masks,
 )
-from lotscan.models.methods.drdc.method import PARTITION_STREAM, noise_stream
+from lotscan.models.methods.drdc.method import (
+    CONDITION_NOISE,
+    NUM_PURPOSES,
+    PARTITION_STREAM,
+    noise_stream,
+)
 from lotscan.models.reduction import combine_partials
-from lotscan.models.registry import build_method
-from lotscan.models.scoring import Calibration, Scorer
+from lotscan.models.registry import METHODS, build_method
+from lotscan.models.scoring import Calibration, Scorer, mean_filter
 
 SIZE = 32
 
@@ -59,13 +70,14 @@ def tiny_cfg(**drdc):
         "grid_cell": 8,
         "inpainter": {"block_out_channels": [16, 32], "norm_num_groups": 8},
         "transformer": {"hidden_dim": 32, "num_heads": 4, "num_encoder_layers": 1,
-                        "num_decoder_layers": 1, "feedforward_dim": 64},
+                        "num_decoder_layers": 1, "feedforward_dim": 64, "neighbor_size": 3},
         "start_timesteps": [100, 150],
         "ddim_steps": 3,
     }
+    score = {"smoothing_kernel": drdc.pop("smoothing_kernel", 3)}
     section.update(drdc)
     return from_dict({"method": "drdc", "data": {"image_size": SIZE}, "drdc": section,
-                      "score": {"smoothing_kernel": 3}}).validate()
+                      "score": score}).validate()
 
 
 def tiny_method(**drdc) -> DRDCMethod:
@@ -102,10 +114,10 @@ def test_grid_partition_deals_every_cell_into_one_set():
 
 def test_noise_streams_are_distinct_per_unit_purpose_and_step():
     steps = 3
-    streams = [noise_stream(u, purpose, k, steps) for u in range(4) for purpose in range(3)
+    streams = [noise_stream(u, purpose, k, steps) for u in range(4) for purpose in range(NUM_PURPOSES)
                for k in range(steps + 1)]
     assert len(set(streams)) == len(streams)
-    assert PARTITION_STREAM not in streams
+    assert min(streams) > PARTITION_STREAM  # partition q uses PARTITION_STREAM - q
 
 
 def test_partition_comes_from_the_image_seed_only():
@@ -115,6 +127,57 @@ def test_partition_comes_from_the_image_seed_only():
     assert torch.equal(a.sum(dim=1), torch.ones(2, SIZE, SIZE))
     assert torch.equal(method.unknown_masks([8], SIZE, SIZE)[0], a[1])
     assert not torch.equal(a[0], a[1])
+
+
+def test_partitions_are_independent_and_each_contributes_its_mask_sets():
+    one, three = tiny_method(), tiny_method(num_partitions=3)
+    assert three.num_units() == 3 * 2 * 2 == 3 * one.num_units()
+    masks = three.unknown_masks([7, 8], SIZE, SIZE)
+    assert masks.shape == (2, 6, SIZE, SIZE)
+    for q in range(3):  # every partition covers every pixel exactly once
+        assert torch.equal(masks[:, 2 * q:2 * q + 2].sum(dim=1), torch.ones(2, SIZE, SIZE))
+    assert torch.equal(masks[:, :2], one.unknown_masks([7, 8], SIZE, SIZE))  # partition 0 as before
+    assert not torch.equal(masks[:, 0], masks[:, 2]) and not torch.equal(masks[:, 2], masks[:, 4])
+    # Units run partition-major, then set, then start timestep.
+    assert [three.unit_spec(u) for u in (0, 1, 2, 5, 11)] == [(0, 100), (0, 150), (1, 100), (2, 150), (5, 150)]
+    with pytest.raises(ValueError, match="outside"):
+        three.unit_spec(12)
+
+
+def test_defaults_one_start_one_partition_no_flips_and_the_shared_smoothing():
+    cfg = from_dict({"method": "drdc"}).validate()
+    d = cfg.drdc
+    assert d.start_timesteps == [250] and d.ddim_steps == 10 and d.num_partitions == 1
+    assert d.start_noise == "condition"
+    method = DRDCMethod(cfg, networks={})
+    assert method.num_units() == 2  # x 10 DDIM steps: 20 UNet calls per image
+    assert cfg.train.augment_flips is None and DRDCMethod.default_augment_flips is False
+    assert all(METHODS[name].default_augment_flips for name in ("recon", "dta", "diffad"))
+    assert all(METHODS[name].default_smoothing_kernel == 5 for name in ("recon", "dta", "drdc"))
+    # score.smoothing_kernel None -> DRDC's default 5 (Eq. 16's mean filter).
+    small = tiny_method(smoothing_kernel=None)
+    x = images(1)
+    partial = small.partial(x, [3], range(small.num_units()))
+    raw = small.finalize(partial)
+    smoothed = Scorer(small).signals_from_partial(partial)
+    for name in small.signal_names:
+        assert torch.allclose(smoothed[name], mean_filter(raw[name], 5))
+        assert not torch.allclose(smoothed[name], raw[name])
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"scales": [1.0, 0.3]}, "drdc.scales"),  # 1/0.3 is not an integer
+    ({"scales": [1.0, 0.0625]}, "drdc.scales"),  # 16 does not divide the 8 px cell
+    ({"transformer": {"neighbor_size": 4}}, "drdc.transformer.neighbor_size"),  # even
+    ({"feature_size": 4, "transformer": {"neighbor_size": 5}}, "drdc.transformer.neighbor_size"),
+    ({"num_partitions": 0}, "drdc.num_partitions"),
+    ({"start_noise": "fresh"}, "drdc.start_noise"),
+])
+def test_bad_drdc_settings_name_the_field(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        from_dict({"method": "drdc", "drdc": override}).validate()
+    ok = from_dict({"method": "drdc", "drdc": {"scales": [1.0, 0.5, 0.25, 0.125]}}).validate()
+    assert ok.drdc.grid_cell == 8
 
 
 # ------------------------------------------------------ dual conditioning
@@ -164,8 +227,9 @@ def test_test_time_conditioning_keeps_the_known_region_on_the_forward_process(tt
         assert torch.allclose(known * final, known * image, atol=1e-6)
 
 
-def test_unknown_region_start_does_not_depend_on_the_image_there():
-    method = tiny_method()
+@pytest.mark.parametrize("start_noise", ["condition", "independent"])
+def test_unknown_region_start_does_not_depend_on_the_image_there(start_noise):
+    method = tiny_method(start_noise=start_noise)
     x = images(1)
     seeds = [5]
     unit = 1
@@ -188,12 +252,86 @@ def test_unknown_region_start_does_not_depend_on_the_image_there():
     assert not torch.allclose(totals[0][unknown], totals[1][unknown])
 
 
+def _start_and_fill(method: DRDCMethod, x: torch.Tensor, seeds: list[int], unit: int):
+    captured = {}
+
+    def hook(k, t, state, x_hat):
+        if k == 0:
+            captured["start"] = state.clone()
+
+    method.refine(x, seeds, [unit], on_step=hook)
+    steps = method.cfg.drdc.ddim_steps
+    fill = unit_noise(seeds, noise_stream(unit, CONDITION_NOISE, 0, steps), tuple(x.shape[1:]), "cpu")
+    p, _ = method.unit_spec(unit)
+    unknown = method.unknown_masks(seeds, SIZE, SIZE)[:, p:p + 1].bool().expand_as(x)
+    return captured["start"], fill, unknown
+
+
+def test_start_noise_condition_correlates_with_the_fill_and_independent_does_not():
+    """The start x_T is forward-noised to t = 250. ``condition``: its unknown cells
+    are sqrt(a) * fill + sqrt(1 - a) * eps, correlated sqrt(alpha_bar_250) = 0.72
+    with the fill the UNet is conditioned on; in training that fill is independent
+    of x_t, as it is here with ``independent``."""
+    x, seeds = images(8, seed=4), list(range(20, 28))
+    results = {}
+    for mode in ("condition", "independent"):
+        method = tiny_method(start_noise=mode, start_timesteps=[250])
+        results[mode] = _start_and_fill(method, x, seeds, unit=0)
+    a = float(NoiseSchedule(1000, "linear").alphas_cumprod[250])
+    assert a ** 0.5 == pytest.approx(0.722, abs=0.001)
+    corr = {}
+    for mode, (start, fill, unknown) in results.items():
+        s, f = start[unknown], fill[unknown]
+        assert s.numel() > 10_000
+        corr[mode] = float(torch.corrcoef(torch.stack([s, f]))[0, 1])
+        assert float(s.std()) == pytest.approx(1.0, abs=0.05)  # pure N(0, 1) noise either way
+    assert corr["condition"] == pytest.approx(a ** 0.5, abs=0.03)
+    assert abs(corr["independent"]) < 0.03
+    # Only the unknown cells differ: the known region is the forward-noised input in both.
+    (s_c, _, unknown), (s_i, _, _) = results["condition"], results["independent"]
+    assert torch.equal(s_c[~unknown], s_i[~unknown])
+    assert not torch.allclose(s_c[unknown], s_i[unknown])
+
+
+def test_the_clean_last_step_draws_no_noise(monkeypatch):
+    """The last DDIM step ends at t = -1 (alpha_bar = 1), where the known region is
+    the input itself: no known-region noise is drawn for it."""
+    schedule = NoiseSchedule(1000, "linear")
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    unknown = partition_masks(grid_partition(2, 2, g), 2, 4)[:1].unsqueeze(0)
+    asked = []
+
+    def noise(k):
+        asked.append(k)
+        return torch.randn(1, 3, 8, 8, generator=g)
+
+    out = inpaint(lambda z, t: 0.3 * z, schedule, image, masked_image(image, unknown, noise(0)), unknown,
+                  torch.tensor([200]), 4, noise=noise)
+    assert asked == [0, 0, 1, 2, 3]  # the fill, the start noise, steps 1..3; nothing for step 4
+    assert torch.equal((1 - unknown) * out, (1 - unknown) * image)
+
+    method = tiny_method()
+    streams = []
+    original = drdc_method.unit_noise
+
+    def counting(seeds, stream, *args, **kwargs):
+        streams.append(stream)
+        return original(seeds, stream, *args, **kwargs)
+
+    monkeypatch.setattr(drdc_method, "unit_noise", counting)
+    steps = method.cfg.drdc.ddim_steps
+    method.refine(images(1), [5], [1])
+    assert len(streams) == steps + 1  # fill, start, known noise after steps 1 .. steps - 1
+    assert noise_stream(1, 2, steps, steps) not in streams
+
+
 # ------------------------------------------------------------------ fusion
 
 
-@pytest.mark.parametrize("trajectory", [True, False])
-def test_refined_map_is_the_average_over_units_steps_and_scales(trajectory):
-    method = tiny_method(scales=[1.0, 0.5, 0.25], fuse_trajectory=trajectory)
+@pytest.mark.parametrize("trajectory, partitions", [(True, 1), (False, 1), (True, 2)])
+def test_refined_map_is_the_average_over_units_steps_and_scales(trajectory, partitions):
+    method = tiny_method(scales=[1.0, 0.5, 0.25], fuse_trajectory=trajectory, num_partitions=partitions)
     x = images(2)
     seeds = [11, 12]
     units = list(range(method.num_units()))
@@ -237,8 +375,9 @@ def test_unit_split_reduces_to_all_units_and_counts_the_base_once():
     assert signals["refined"].shape == (2, SIZE, SIZE) and torch.isfinite(signals["refined"]).all()
 
 
-def test_signals_do_not_depend_on_batch_or_unit_split():
-    method = tiny_method()
+@pytest.mark.parametrize("options", [{}, {"start_noise": "independent", "num_partitions": 2}])
+def test_signals_do_not_depend_on_batch_or_unit_split(options):
+    method = tiny_method(**options)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 255, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
     seeds = [101, 102]
@@ -283,6 +422,73 @@ def test_base_model_shapes_and_feature_grid():
     assert torch.allclose(resize_to_grid(f, 4), F.avg_pool2d(f, 2))
     small = torch.randn(1, 2, 2, 2)
     assert torch.allclose(resize_to_grid(small, 4), F.interpolate(small, size=(4, 4), mode="bilinear"))
+
+
+def test_neighbor_mask_blocks_each_tokens_window():
+    g, k = 5, 3
+    mask = neighbor_mask(g, k)
+    assert mask.shape == (g * g, g * g) and mask.dtype == torch.bool
+    for i in range(g * g):
+        for j in range(g * g):
+            near = abs(i // g - j // g) <= k // 2 and abs(i % g - j % g) <= k // 2
+            assert bool(mask[i, j]) == near
+    assert mask.diagonal().all()
+    assert int(mask[2 * g + 2].sum()) == 9 and int(mask[0].sum()) == 4  # the window is cut at the border
+    assert neighbor_mask(g, 0) is None
+
+
+def _reconstructor(neighbor_size: int, layerwise: bool, encoder_layers: int = 0,
+                   decoder_layers: int = 1) -> FeatureReconstructor:
+    torch.manual_seed(0)
+    return FeatureReconstructor(6, 5, hidden_dim=16, num_heads=2, num_encoder_layers=encoder_layers,
+                                num_decoder_layers=decoder_layers, feedforward_dim=32, dropout=0.0,
+                                neighbor_size=neighbor_size, layerwise_queries=layerwise).eval()
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_masked_attention_does_not_see_a_tokens_own_neighbourhood(layerwise):
+    """With no encoder layer and one decoder layer, token (2, 2)'s reconstruction
+    is a function of the tokens outside its 3 x 3 window only."""
+    f = torch.randn(1, 6, 5, 5, generator=torch.Generator().manual_seed(1))
+    near, far = f.clone(), f.clone()
+    near[..., 1, 1] += 3.0  # inside the window of (2, 2)
+    far[..., 0, 0] += 3.0  # outside it
+    masked, open_ = _reconstructor(3, layerwise), _reconstructor(0, layerwise)
+    with torch.no_grad():
+        out = {name: [m(v)[..., 2, 2] for v in (f, near, far)] for name, m in (("masked", masked), ("open", open_))}
+    assert torch.allclose(out["masked"][0], out["masked"][1], atol=1e-6)
+    assert not torch.allclose(out["masked"][0], out["masked"][2], atol=1e-4)
+    assert not torch.allclose(out["open"][0], out["open"][1], atol=1e-4)
+    # The encoder's self-attention is masked too: its output at (2, 2) ignores the window.
+    enc = _reconstructor(3, layerwise, encoder_layers=1)
+    seen = []
+    enc.encoder.register_forward_hook(lambda _m, _i, output: seen.append(output[0].view(5, 5, -1)[2, 2]))
+    with torch.no_grad():
+        enc(f), enc(near), enc(far)
+    assert torch.allclose(seen[0], seen[1], atol=1e-6) and not torch.allclose(seen[0], seen[2], atol=1e-4)
+
+
+def test_layerwise_queries_are_distinct_learned_queries_per_decoder_layer():
+    model = _reconstructor(3, True, encoder_layers=1, decoder_layers=3).train()
+    queries = [layer.query for layer in model.decoder_layers]
+    assert len(queries) == 3 and len({id(q) for q in queries}) == 3
+    assert not hasattr(model, "query_embed")
+    assert all(not torch.equal(queries[0], q) for q in queries[1:])
+    assert {f"decoder_layers.{i}.query" for i in range(3)} <= set(model.state_dict())
+    f = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(2))
+    model(f).pow(2).mean().backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in queries)
+    model.eval()
+    with torch.no_grad():
+        before = model(f)
+        model.decoder_layers[1].query.add_(0.5)  # a middle layer's query is used
+        assert not torch.allclose(model(f), before, atol=1e-4)
+    plain = _reconstructor(3, False, decoder_layers=3)
+    assert not hasattr(plain, "decoder_layers") and plain.query_embed.shape == (1, 25, 16)
+    # The defaults build UniAD's decoder with 5 x 5 masking on the 8 x 8 grid.
+    default = build_method(from_dict({"method": "drdc", "drdc": {"backbone_weights": "none"}}).validate())
+    assert default.networks["reconstructor"].config["layerwise_queries"] is True
+    assert default.networks["reconstructor"].config["neighbor_size"] == 5
 
 
 def test_feature_jitter_scales_with_the_token_norm():

@@ -38,6 +38,7 @@ TINY_DRDC = [
     "drdc.transformer.num_encoder_layers=1",
     "drdc.transformer.num_decoder_layers=1",
     "drdc.transformer.feedforward_dim=64",
+    "drdc.transformer.neighbor_size=3",  # UniAD-style masking needs a window smaller than the 4 x 4 grid
     "drdc.inpainter.block_out_channels=[16, 32]",
     "drdc.start_timesteps=[100, 150]",
     "drdc.ddim_steps=2",

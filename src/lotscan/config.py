@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 METHODS = ("recon", "dta", "diffad", "drdc")
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,14 @@ class StorageConfig:
     at most 20 s)."""
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
+    allowed_buckets: list[str] = field(default_factory=list)
+    """Buckets (plain names, no ``s3://``, no prefix) that ``s3://`` URIs may
+    name; empty (the default, for a laptop) allows any. The environment variable
+    ``LOTSCAN_ALLOWED_BUCKETS`` (comma-separated, set by the cluster manifests on
+    every pod) applies too; when both are set a bucket must be in both. A URI
+    in another bucket is a StorageError naming it, before any request is made.
+    Defence in depth next to the IAM policy (docs/security.md); local paths are
+    not affected."""
 
 
 @dataclass
@@ -86,7 +96,15 @@ class DenoiserConfig:
     """GroupNorm groups; every entry of block_out_channels must divide by it."""
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
-    """``linear`` (DDPM, beta 1e-4..0.02) or ``squaredcos_cap_v2`` (cosine)."""
+    """``linear`` (DDPM), ``scaled_linear`` (linear in sqrt(beta), the latent
+    diffusion models' ``linear``) or ``squaredcos_cap_v2`` (cosine, which
+    ignores the beta range below)."""
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    """Range of the betas, passed to diffusers' ``DDPMScheduler``. The defaults
+    are DDPMScheduler's own (DDPM's 1e-4..0.02), so every schedule made before
+    these fields existed is unchanged; DiffAD's latent denoiser sets its
+    official 0.0015..0.02."""
 
 
 @dataclass
@@ -106,9 +124,11 @@ class TrainConfig:
     checkpoint_every_steps: int = 250
     log_every_steps: int = 25
     seed: int = 0
-    augment_flips: bool = True
-    """Random horizontal/vertical flips of the normal images (textures are
-    flip-invariant; switch off for objects with an orientation)."""
+    augment_flips: bool | None = None
+    """Random horizontal/vertical flips of the normal images. ``None``: the
+    method's default (``default_augment_flips``): off for ``drdc`` (its paper
+    trains with "no augmented data involved"), on for the others (chosen:
+    textures are flip-invariant). Switch off for objects with an orientation."""
 
 
 @dataclass
@@ -182,25 +202,32 @@ class SegmenterConfig:
 @dataclass
 class DiffADConfig:
     """DiffAD (Zhang et al., ICCV 2023): latent diffusion with a noisy condition
-    embedding, interpolated channels and a discriminative segmenter."""
+    embedding, interpolated channels and a discriminative segmenter. "Official
+    code" below is the authors' repository (Loco-Roco/DiffAD), whose data
+    pipeline is DRAEM's (VitjanZ/DRAEM ``data_loader.py``)."""
 
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent_denoiser: DenoiserConfig = field(
         default_factory=lambda: DenoiserConfig(
             block_out_channels=[64, 128], layers_per_block=2, norm_num_groups=16,
-            beta_schedule="scaled_linear"))
-    """The latent UNet over ``concat(z_t, c)``. ``scaled_linear`` is the latent
-    diffusion models' schedule (chosen; the paper does not name one)."""
+            beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.02))
+    """The latent UNet over ``concat(z_t, c)``. Schedule: the official
+    ``configs/mvtec.yaml`` (``linear_start: 0.0015``, ``linear_end: 0.02``,
+    1000 steps, LDM's ``linear`` schedule, which is linear in sqrt(beta), i.e.
+    diffusers' ``scaled_linear``): alpha_bar(250) = 0.505, where diffusers'
+    default range 1e-4..0.02 gives 0.820, a far less noisy condition."""
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     condition_noise: str = "noisy"
     """Training condition of the latent UNet: ``noisy`` (the paper: ``c = E(x_a)``
     forward-noised to its own uniformly drawn timestep) or ``clean`` (the
     paper's ``DiffAD_c`` ablation)."""
     sample_steps: int = 10
-    """DDIM steps (eta 0) from pure noise to the reconstructed latent ``z_r``."""
+    """DDIM steps (eta 0) from pure noise to the reconstructed latent ``z_r``
+    (the official test script: ``S=10``)."""
     sample_condition_level: int = 0
     """Timestep the condition is noised to at scoring; 0 is the paper's clean
-    condition ("samples ... with clean anomalous condition inputs")."""
+    condition ("samples ... with clean anomalous condition inputs"; the
+    official test script passes the clean ``c``)."""
     interpolated_channels: bool = True
     """Feed ``concat(x_a, x_inter, x_r)`` to the segmenter; ``false`` feeds
     ``concat(x_a, x_r)`` (the paper's ``DiffAD_no-inter`` ablation)."""
@@ -208,16 +235,29 @@ class DiffADConfig:
     """``x_inter = D(lambda * c + (1 - lambda) * z_r)``; 1.0 decodes the input's
     own latent, the paper's ``x~_a`` ablation."""
     num_samples: int = 1
-    """S: independent reconstructions per image (seeded from the image); the
-    segmentation maps are averaged. Each sample is a work unit."""
+    """S: independent reconstructions per image (seeded from the image), whose
+    segmentation maps are averaged; each sample is a work unit. Not in the
+    paper or the official code (both use one sample): the paper answers its
+    third challenge (one input, several normal patterns) with the interpolated
+    channels. 1, the paper's, by default."""
     segmenter_sample_steps: int = 10
-    """DDIM steps used to make the segmenter's training reconstructions."""
+    """DDIM steps used to make the segmenter's training reconstructions (the
+    official training script uses 50; chosen 10, what scoring uses, so the
+    segmenter trains on the reconstructions it will see)."""
     segmenter_refresh_fraction: float = 0.25
     """Share of each segmenter batch that is synthesized and sampled anew; the
     rest is drawn from a cache of recent (x_a, mask, x_inter, x_r) samples, so
     the sampler does not run for every training sample. 1.0 samples every one."""
     segmenter_cache_size: int = 512
     """Samples kept in that cache (per worker)."""
+    normal_rotation_probability: float = 0.0
+    """Share of normal training images rotated, before anything else, by an
+    angle uniform in [-90, 90] degrees with black corners, in every stage.
+    The official code (DRAEM's loader) does this for 30 % of the images
+    (``torch.rand(1) > 0.7``, ``iaa.Affine(rotate=(-90, 90))``); the paper does
+    not mention it. Chosen 0: test images are never rotated, and the rotated
+    textures and black corners it makes "normal" cost a small model capacity;
+    set 0.3 for the official recipe."""
     anomaly_source_uri: str | None = None
     """Folder, prefix or manifest of texture images pasted into the synthetic
     anomalies (DRAEM used DTD). ``None``: the built-in source, other normal
@@ -228,12 +268,18 @@ class DiffADConfig:
     perlin_min_scale_exp: int = 0
     perlin_max_scale_exp: int = 4
     """Perlin noise grid of 2**a x 2**b cells, a and b drawn in
-    [min_scale_exp, max_scale_exp] (DRAEM: 0..6 at 256 px; 0..4 at 64 px keeps
-    the smallest blobs about 4 px)."""
+    [min_scale_exp, max_scale_exp], both ends included. DRAEM draws a, b in
+    0..5 (``torch.randint(0, 6)``) at 256 px: cells down to 8 px, 1/32 of the
+    side. Chosen 0..4 at 64 px: cells down to 4 px (1/16 of the side); DRAEM's
+    relative scale would mean 2 px cells, its absolute one 0..3."""
     perlin_threshold: float = 0.5
+    """Perlin values above it are inside the mask (DRAEM: 0.5)."""
     max_opacity: float = 0.8
-    """Blend ``(1 - beta) * image + beta * texture`` with beta uniform in
-    [0, max_opacity) inside the mask (DRAEM: 0.8)."""
+    """DRAEM's bound on beta, the weight the IMAGE keeps inside the mask:
+    ``x_a = beta * x + (1 - beta) * texture`` there, beta uniform in
+    [0, max_opacity), so the texture weighs (1 - max_opacity, 1], i.e.
+    (0.2, 1] with DRAEM's 0.8. (The name is kept so stored configs load; it
+    bounds the image's weight, not the texture's.)"""
 
 
 @dataclass
@@ -246,10 +292,26 @@ class TransformerConfig:
     num_encoder_layers: int = 2
     num_decoder_layers: int = 2
     feedforward_dim: int = 512
+    """Sizes chosen for a CPU budget; UniAD's MVTec model (the base DRDC builds
+    on) has hidden 256, 8 heads, 4 encoder and 4 decoder layers, feed-forward 1024."""
     jitter_scale: float = 20.0
     """UniAD's feature jittering during training: Gaussian noise with standard
     deviation ``jitter_scale * |token| / channels`` is added to the input tokens."""
     jitter_probability: float = 1.0
+    neighbor_size: int = 5
+    """UniAD's neighbour-masked attention: no token attends to the tokens of
+    the ``neighbor_size x neighbor_size`` window centred on it (itself
+    included), in the encoder's and in both of the decoder's attentions, so
+    it cannot pass its own feature through. UniAD masks 7 x 7 on its 14 x 14
+    grid (half the side); chosen 5 on the default 8 x 8 grid (the odd size
+    nearest to half the side). Odd, smaller than ``feature_size``; 0 switches
+    the masking off."""
+    layerwise_queries: bool = True
+    """UniAD's layer-wise query decoder: every decoder layer has its own
+    learned query embedding, which attends to the encoder output and then to
+    the previous layer's output. ``false``: one learned query embedding fed to
+    the first layer of a standard transformer decoder (lotscan before this
+    option)."""
 
 
 @dataclass
@@ -271,11 +333,13 @@ class DRDCConfig:
     """The image is resized to this side for the backbone (chosen: 128 px keeps
     the stride-16 stage at 8 x 8 on CPU; the paper used 224)."""
     feature_size: int = 8
-    """Side of the grid every stage is resized to before concatenation (the
-    paper: 14 at 224 px, i.e. stride 16)."""
+    """Side of the grid every stage is resized to before concatenation (chosen
+    8 at 128 px, stride 16 as the paper's 14 at 224 px)."""
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     inpainter: DenoiserConfig = field(default_factory=DenoiserConfig)
-    """The pixel-space inpainting UNet."""
+    """The pixel-space inpainting UNet (chosen: the tiny CPU default of
+    ``DenoiserConfig``, DDPM's linear 1e-4..0.02 schedule; the paper uses the
+    UNet of Dhariwal & Nichol with an extra condition input)."""
     model_conditioning: bool = True
     """The UNet sees ``concat(x_t, condition)``, the condition being the image
     with its masked cells filled with noise; ``false`` trains a plain denoiser
@@ -288,17 +352,36 @@ class DRDCConfig:
     num_mask_sets: int = 2
     """P: disjoint sets the cells are split into (the paper found splitting into
     known and unknown halves best)."""
-    start_timesteps: list[int] = field(default_factory=lambda: [200, 250])
-    """Reverse diffusion starts from each of these timesteps (chosen: the paper
-    found initial indices of 200-250 of 1000 best)."""
+    num_partitions: int = 1
+    """Independent random partitions of the cells into the P sets, each
+    contributing its P mask sets as work units; their heatmaps are averaged
+    (the paper's Eq. 15 averages over "different inpainting specifications",
+    whose number is lost from the text). Chosen 1: the cost of a partition is
+    P x ddim_steps UNet calls per image (20 by default); 2 costs what two start
+    timesteps did before."""
+    start_noise: str = "condition"
+    """Where the unknown cells of the start state x_T come from. ``condition``:
+    the condition ``x~`` itself forward-noised to the start timestep, the
+    paper's text ("the regions replaced with noise are ... processed forward
+    as x~_t"), so those cells are correlated with the condition's noise fill
+    (sqrt(alpha_bar_t): 0.72 at t = 250). ``independent``: the same, but with a
+    fresh fill, so the unknown cells of x_T are independent of the
+    condition's fill, as x_t is of the fill in training (the training
+    objective is the same for both)."""
+    start_timesteps: list[int] = field(default_factory=lambda: [250])
+    """Reverse diffusion starts from each of these timesteps. The paper uses
+    one initial index and found 200-250 (of 1000) best; chosen 250. More
+    entries add units (and cost) and are averaged."""
     ddim_steps: int = 10
-    """DDIM steps (eta 0) from each start timestep to the clean image."""
+    """DDIM steps (eta 0) from each start timestep to the clean image (the
+    paper: "approximately 10")."""
     fuse_trajectory: bool = True
     """Average the heatmaps of the x0 predicted at every reverse step (the
     paper's temporal fusion); ``false`` uses only the final prediction."""
     scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.25])
     """Spatial scales of the error maps (image and inpainting down-sampled,
-    error up-sampled back); chosen."""
+    error up-sampled back); chosen. Each 1/scale must be an integer dividing
+    ``grid_cell``, so a down-sampled pixel never straddles two cells."""
     gamma: float = 0.9
     """Final map ``gamma * refined + (1 - gamma) * base`` on calibrated signals
     (the paper: 0.9 best). 0 is the base model alone and skips the diffusion."""
@@ -372,9 +455,12 @@ class ScoreConfig:
     """Stop the run when more than this share of the images in a run's
     first 200 ends as retryable failures (storage is down: recording every
     image as retryable helps nobody)."""
-    smoothing_kernel: int = 5
+    smoothing_kernel: int | None = None
     """Side of the mean filter applied to every per-pixel signal before
-    normalisation (1 disables it). Chosen: 5 px at 64 px input."""
+    normalisation (1 disables it). ``None``: the method's default
+    (``default_smoothing_kernel``): 1 for ``diffad`` (its official code
+    evaluates pixels on the raw segmentation softmax), 5 for the others
+    (chosen: 5 px at 64 px input; DRDC's Eq. 16 mean filter)."""
     image_score_pool: int = 5
     """Image score = max of the anomaly map average-pooled with this kernel."""
     heatmap_format: str = "npy"
@@ -557,8 +643,9 @@ class LotscanConfig:
             (0 < self.score.max_retryable_fraction <= 1, "score.max_retryable_fraction",
              "must be in (0, 1]"),
             (self.score.report_max_flagged >= 1, "score.report_max_flagged", "must be >= 1"),
-            (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1,
-             "score.smoothing_kernel", "must be an odd number >= 1"),
+            (self.score.smoothing_kernel is None
+             or (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1),
+             "score.smoothing_kernel", "must be an odd number >= 1, or null for the method's default"),
             (self.score.image_score_pool >= 1, "score.image_score_pool", "must be >= 1"),
             (self.score.heatmap_format in ("npy", "png16"), "score.heatmap_format", "must be npy or png16"),
             (0.0 < self.calibration.normal_fpr < 1.0, "calibration.normal_fpr", "must be in (0, 1)"),
@@ -572,6 +659,9 @@ class LotscanConfig:
             (self.storage.retry_backoff_s >= 0, "storage.retry_backoff_s", "must be >= 0"),
             (self.storage.connect_timeout_s > 0 and self.storage.read_timeout_s > 0,
              "storage.connect_timeout_s/read_timeout_s", "must be > 0"),
+            (all(isinstance(b, str) and _BUCKET_NAME.fullmatch(b) for b in self.storage.allowed_buckets),
+             "storage.allowed_buckets",
+             "entries must be bucket names (3-63 lowercase letters, digits, '.', '-'; no s3://, no prefix)"),
             (1 <= self.serve.port <= 65535, "serve.port", "must be in [1, 65535]"),
             (self.serve.num_replicas >= 1, "serve.num_replicas", "must be >= 1"),
             (0 <= self.serve.min_replicas <= self.serve.max_replicas and self.serve.max_replicas >= 1,
@@ -595,11 +685,28 @@ class LotscanConfig:
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
-        checks += self._diffad_checks() + self._drdc_checks()
+        checks += self._beta_checks() + self._diffad_checks() + self._drdc_checks()
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"config field {key}: {message}")
         return self
+
+    def _beta_checks(self) -> list[tuple[bool, str, str]]:
+        sections = {"denoiser": self.denoiser, "diffad.latent_denoiser": self.diffad.latent_denoiser,
+                    "drdc.inpainter": self.drdc.inpainter}
+        checks = [(0.0 < d.beta_start < d.beta_end < 1.0, f"{key}.beta_start/beta_end",
+                   "need 0 < beta_start < beta_end < 1") for key, d in sections.items()]
+        # Only DiffAD's schedule reads the beta range so far (diffad/networks.py:
+        # noise_schedule); NoiseSchedule.from_config passes only beta_schedule.
+        # Refuse other values rather than ignore them, until it reads them too.
+        default = DenoiserConfig()
+        for key in ("denoiser", "drdc.inpainter"):
+            d = sections[key]
+            checks.append(((d.beta_start, d.beta_end) == (default.beta_start, default.beta_end),
+                           f"{key}.beta_start/beta_end",
+                           f"only the defaults {default.beta_start}..{default.beta_end} are supported here "
+                           "so far (only diffad.latent_denoiser reads a beta range)"))
+        return checks
 
     def _diffad_checks(self) -> list[tuple[bool, str, str]]:
         d = self.diffad
@@ -638,7 +745,9 @@ class LotscanConfig:
              "diffad.perlin_min_scale_exp/perlin_max_scale_exp",
              "need 0 <= min <= max and 2**max <= data.image_size"),
             (0.0 < d.perlin_threshold < 1.0, "diffad.perlin_threshold", "must be in (0, 1)"),
-            (0.0 < d.max_opacity <= 1.0, "diffad.max_opacity", "must be in (0, 1]"),
+            (0.0 <= d.max_opacity <= 1.0, "diffad.max_opacity", "must be in [0, 1]"),
+            (0.0 <= d.normal_rotation_probability <= 1.0, "diffad.normal_rotation_probability",
+             "must be in [0, 1]"),
         ]
 
     def _drdc_checks(self) -> list[tuple[bool, str, str]]:
@@ -662,6 +771,10 @@ class LotscanConfig:
             (tr.feedforward_dim >= 1, "drdc.transformer.feedforward_dim", "must be >= 1"),
             (tr.jitter_scale >= 0 and 0.0 <= tr.jitter_probability <= 1.0,
              "drdc.transformer.jitter_scale/jitter_probability", "need scale >= 0, probability in [0, 1]"),
+            (tr.neighbor_size == 0 or (tr.neighbor_size % 2 == 1 and 1 <= tr.neighbor_size < d.feature_size),
+             "drdc.transformer.neighbor_size",
+             "must be 0 (no masking) or odd and smaller than drdc.feature_size (else a token has "
+             "nothing left to attend to)"),
             (self.data.image_size % 2 ** (len(inp.block_out_channels) - 1) == 0, "data.image_size",
              "must be divisible by 2**(len(drdc.inpainter.block_out_channels) - 1)"),
             (all(c % inp.norm_num_groups == 0 for c in inp.block_out_channels),
@@ -677,8 +790,15 @@ class LotscanConfig:
              and len(set(d.start_timesteps)) == len(d.start_timesteps),
              "drdc.start_timesteps", "must be distinct timesteps in (0, drdc.inpainter.num_train_timesteps)"),
             (d.ddim_steps >= 1, "drdc.ddim_steps", "must be >= 1"),
+            (d.num_partitions >= 1, "drdc.num_partitions", "must be >= 1"),
+            (d.start_noise in ("condition", "independent"), "drdc.start_noise",
+             "must be condition or independent"),
             (len(d.scales) >= 1 and all(0.0 < s <= 1.0 for s in d.scales), "drdc.scales",
              "must be a non-empty list of scales in (0, 1]"),
+            (all(0.0 < s <= 1.0 and abs(1.0 / s - round(1.0 / s)) < 1e-6 and d.grid_cell % round(1.0 / s) == 0
+                 for s in d.scales),
+             "drdc.scales", f"every 1/scale must be an integer dividing drdc.grid_cell={d.grid_cell} "
+             f"(got {d.scales})"),
             (0.0 <= d.gamma <= 1.0, "drdc.gamma", "must be in [0, 1]"),
             (max(d.start_timesteps, default=0) < d.train_max_timestep <= inp.num_train_timesteps,
              "drdc.train_max_timestep",

@@ -7,6 +7,10 @@ import json
 import platform
 import time
 
+from lotscan.jobs.common import non_negative_int, positive_int
+
+DEVICES = ("auto", "cpu", "cuda")
+
 HELP = """\
 Measure how fast a bundle scores images on this machine (no Ray, no I/O: the
 scorer alone, on seeded random images at the bundle's image size), after a
@@ -22,11 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure scoring throughput of a bundle", description=HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="BUNDLE_URI")
-    p.add_argument("--batch-size", type=int, action="append", metavar="N",
+    p.add_argument("--batch-size", type=positive_int, action="append", metavar="N",
                    help="batch size to measure (repeatable; default 1 and 8)")
-    p.add_argument("--images", type=int, default=32, help="images per measurement (default 32)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--images", type=positive_int, default=32,
+                   help="images per measurement (default 32)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="cpu, cuda or auto (default: cuda when available)")
+    p.add_argument("--threads", type=non_negative_int, default=0,
+                   help="torch threads (0: torch default)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a scoring setting, e.g. --set dta.num_levels=5")
     p.add_argument("--config", metavar="FILE")
@@ -34,15 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lotscan.config import storage_config
+    from lotscan.jobs.common import UsageError, check_bundle_exists, overrides_from_args
+
+    overrides = overrides_from_args(args)
+    check_bundle_exists(args.model, storage_config(overrides))
+
     import numpy as np
     import torch
 
-    from lotscan.config import storage_config
-    from lotscan.jobs.common import overrides_from_args
     from lotscan.models.scoring import Scorer
     from lotscan.platform.bundles import open_bundle
 
-    overrides = overrides_from_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to torch on this machine")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -57,12 +57,18 @@ def check_same_networks(source, target, where: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lotscan.config import load_config
+    from lotscan.jobs.common import check_bundle_exists, check_input, check_output
+
+    first = load_config(args.config, args.overrides)
+    check_bundle_exists(args.model, first.storage)
+    check_input(args.data, first.storage, "--data")
+    check_output(args.out, first.storage)
+
     from lotscan.models.registry import build_method
     from lotscan.platform.bundles import open_bundle
     from lotscan.platform.runtime import ensure_ray
     from lotscan.platform.training import recalibrate_bundle
 
-    first = load_config(args.config, args.overrides)
     source = open_bundle(args.model, first.storage, require_calibration=False)
     stored = source.config.to_dict()
     stored["method"] = args.method

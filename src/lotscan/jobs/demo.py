@@ -53,15 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.overrides = (DEMO_DEFAULTS + METHOD_DEFAULTS[args.method] + [f"method={args.method}"]
+                      + list(args.overrides))
+    cfg = config_from_args(args)  # a bad --set fails here, before anything is imported or started
+
     from lotscan.platform.demo_data import make_demo_dataset
     from lotscan.platform.evaluation import evaluate_run, markdown_table
     from lotscan.platform.scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
     from lotscan.platform.training import train_bundle
 
-    args.overrides = (DEMO_DEFAULTS + METHOD_DEFAULTS[args.method] + [f"method={args.method}"]
-                      + list(args.overrides))
-    cfg = config_from_args(args)
     workdir = os.path.abspath(args.workdir)
     data = os.path.join(workdir, "data")
     # dta keeps the original folder names, so existing demo folders stay valid.

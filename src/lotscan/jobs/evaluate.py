@@ -25,11 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lotscan.config import load_config
-    from lotscan.platform.evaluation import evaluate_run, markdown_table
-    from lotscan.platform.storage import join
+    from lotscan.jobs.common import UsageError
+    from lotscan.platform.storage import isdir, join
 
     overrides_from_args(args)
     cfg = load_config(args.config, args.overrides)
+    if not isdir(args.out_uri, cfg.storage):
+        raise UsageError(f"OUT_URI {args.out_uri}: not found (give the --out folder of `lotscan score`)")
+
+    from lotscan.platform.evaluation import evaluate_run, markdown_table
+
     report = evaluate_run(args.out_uri, cfg.storage, data=cfg.data)
     print(markdown_table(report))
     print(f"\nwritten: {join(args.out_uri, 'metrics.json')}")

@@ -19,6 +19,9 @@ model, heatmap URI, timings per image), heatmaps/, failures/*.parquet (images
 that could not be read, with the reason), summary.json and report.html.
 Re-running the same command finishes a partial run and never duplicates a row.
 
+The model bundle, the input, the output and every override are checked before
+Ray starts. Ray's own logs go to a file unless --verbose.
+
 Operational settings may be overridden with --config/--set: storage.*,
 score.batch_size, num_actors, num_gpus_per_actor, torch_threads,
 decode_batch_size, heatmap_format, heatmap_png_max, report_top_k and
@@ -46,10 +49,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lotscan.config import storage_config
+    from lotscan.jobs.common import check_bundle, check_bundle_exists, check_input, check_output
+
+    overrides = overrides_from_args(args)
+    storage = storage_config(overrides)
+    check_bundle_exists(args.model, storage)  # the fast checks first (no torch yet)
+    check_input(args.input, storage)
+    check_output(args.out, storage)
+    check_bundle(args.model, overrides)  # the overrides against the bundle's rules
+
     from lotscan.platform.scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
 
-    overrides = overrides_from_args(args)
     ensure_ray(args.ray_address)
     score_lots(args.model, args.input, args.out, overrides=overrides, categories=args.category,
                lot_id=args.lot_id)

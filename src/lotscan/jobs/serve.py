@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from lotscan.jobs.common import add_config_args, overrides_from_args
+from lotscan.jobs.common import add_config_args, overrides_from_args, positive_int
 
 HELP = """\
 Serve the bundle at BUNDLE_URI over HTTP: POST /v1/score with one image (raw body
@@ -23,6 +23,9 @@ Auth: put a long random token in the environment variable LOTSCAN_SERVE_TOKEN
 (serve.auth_token_env) or a file (serve.auth_token_file); clients then send
 `Authorization: Bearer <token>`. The token is never taken from the command line.
 
+The bundle, the overrides and the token settings are checked before Ray starts;
+Ray's own logs go to a file unless --verbose.
+
 For a cluster, deploy infra/serve/serve-config.yaml with `serve deploy`.
 
 examples:
@@ -38,17 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="BUNDLE_URI", help="trained model bundle")
     p.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    p.add_argument("--port", type=positive_int, help="HTTP port (default serve.port, 8000)")
     p.add_argument("--name", default="lotscan", help="Serve application name (default lotscan)")
     add_config_args(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray import serve
-
-    from lotscan.platform.runtime import ensure_ray
-    from lotscan.platform.serving import start_app
+    from lotscan.jobs.common import check_bundle
 
     extra = []
     if args.host:
@@ -57,6 +57,17 @@ def run(args: argparse.Namespace) -> int:
         extra.append(f"serve.port={args.port}")
     args.overrides = list(args.overrides) + extra
     overrides = overrides_from_args(args)
+    cfg = check_bundle(args.model, overrides)
+
+    from lotscan.platform.serving import resolve_token
+
+    resolve_token(cfg.serve)  # an unreadable token file or require_auth without one fails here
+
+    from ray import serve
+
+    from lotscan.platform.runtime import ensure_ray
+    from lotscan.platform.serving import start_app
+
     joined = bool(args.ray_address or os.environ.get("RAY_ADDRESS"))
     ensure_ray(args.ray_address)
     url = start_app(args.model, overrides, name=args.name)

@@ -60,12 +60,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lotscan.jobs.common import UsageError, check_input, check_output
+
+    cfg = config_from_args(args, method=args.method)
+    check_input(args.data, cfg.storage, "--data")
+    check_output(args.out, cfg.storage)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    if stages:
+        from lotscan.models.registry import build_method
+
+        known = list(build_method(cfg).stages)
+        unknown = [s for s in stages if s not in known]
+        if unknown:
+            raise UsageError(f"--stages {args.stages}: {cfg.method} has no stage "
+                             f"{', '.join(unknown)}; its stages: {', '.join(known)}")
+
     from lotscan.platform.runtime import ensure_ray
     from lotscan.platform.training import train_bundle
 
-    cfg = config_from_args(args, method=args.method)
     ensure_ray(args.ray_address)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     train_bundle(cfg, args.data, args.out, categories=args.category, stages=stages,
                  checkpoint_uri=args.checkpoints)
     return 0

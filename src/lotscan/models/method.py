@@ -48,6 +48,11 @@ class AnomalyMethod:
     pretrained_networks: ClassVar[tuple[str, ...]] = ()
     """Networks initialised from pretrained weights by ``init_pretrained`` and
     never trained (DRDC's frozen backbone)."""
+    default_smoothing_kernel: ClassVar[int] = 5
+    """Mean filter of the signals when ``score.smoothing_kernel`` is ``None``
+    (chosen: 5 px at 64 px input)."""
+    default_augment_flips: ClassVar[bool] = True
+    """Random flips of the training images when ``train.augment_flips`` is ``None``."""
 
     def __init__(self, cfg: LotscanConfig, networks: dict[str, nn.Module] | None = None):
         self.cfg = cfg

@@ -151,7 +151,7 @@ class Scorer:
     def signals_from_partial(self, partial: Partial) -> dict[str, torch.Tensor]:
         """Smoothed raw signals from the partial of all units."""
         raw = self.method.finalize(partial)
-        k = self.cfg.score.smoothing_kernel
+        k = self.cfg.score.smoothing_kernel or self.method.default_smoothing_kernel  # None: the method's
         return {name: mean_filter(raw[name].float(), k) for name in self.method.signal_names}
 
     def signals(self, images: np.ndarray, seeds: Sequence[int]) -> dict[str, torch.Tensor]:

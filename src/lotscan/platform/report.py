@@ -1,40 +1,131 @@
-"""Lot summaries, heatmap overlays and the HTML lot report (design step 6, "Write").
+"""Lot summaries, heatmap cards and the HTML lot report (design step 6, "Write").
 
-* :func:`lot_summary` turns the scoring job's result and failure rows into a
-  JSON-serialisable dict (builtin types only; missing or non-finite numbers are
-  ``None``, never NaN).
-* :func:`overlay_png` blends a heatmap over an image with a built-in jet-like
-  colour map (no matplotlib) and returns PNG bytes.
-* :func:`render_report` builds one self-contained HTML page (inline CSS, inline
-  SVG histogram, images as base64 ``data:`` URIs, no JavaScript). Every string
-  that comes from the data (URIs, lot ids, error messages, model fields) is
-  passed through :func:`html.escape`.
+Nothing here does I/O: the scoring pipeline reads rows and images and writes
+``summary.json`` and ``report.html``.
 
-Nothing here does I/O: the pipeline reads the images and writes the outputs.
+* :func:`lot_summary` — the summary dict (schema below) from the result and
+  failure rows as DataFrames: the reference implementation of what the
+  pipeline computes with distributed aggregations. Only builtin types;
+  missing or non-finite numbers are ``None``: ``json.dumps(summary,
+  allow_nan=False)`` always works.
+* :func:`card_images` — the two PNGs of an image's card (the image and its
+  heatmap overlay with region contours), at the scored size, never upscaled.
+* :func:`trend_rows` — one row per lot across one or more summaries.
+* :func:`render_report` — one self-contained HTML page (Jinja2 templates in
+  ``templates/``, autoescape on, inline CSS and SVG, images as ``data:`` URIs,
+  no JavaScript, a viewport tag).
+
+Summary schema
+--------------
+::
+
+    summary = {
+      lotscan_version, generated_at (ISO 8601, UTC), out_uri, input_uris: [str],
+      model: {method, model_id, model_uri, threshold, thresholds_by_category?: {cat: thr},
+              calibration_images, threshold_images, normal_fpr, ...},  # passed through
+      overall: Group + {histogram: Histogram},
+      lots: {lot_id: Group + {categories: {cat: Group + {defect_types: {dt: Group}}},
+                              drift: {cat: Drift}}},
+      failures: {total, retryable, by_reason: {reason: {count, retryable, examples: [uri]}}},
+      flagged: [Row], flagged_truncated: int,
+      near_threshold: [Row], near_threshold_truncated: int,
+    }
+    Group = {images_scored, images_failed, images_flagged, flag_rate, expected_flag_rate,
+             verdict, verdict_p, score: {min, p50, p90, p99, max, mean},
+             labels: {good, defective, unknown}}
+    Row = {image_id, uri, lot_id, category, defect_type, label, score, threshold, decision,
+           heatmap_uri, heatmap_max, regions: [Region]}
+    Drift = {ks, psi, alarm, n, reference_n, ks_p, ks_alarm, psi_alarm, psi_alarm_level}
+    Histogram = {edges: [float], counts: {good: [int], defective: [int], unknown: [int]}}
+
+Extensions over the brief's shape (the report uses them): ``Group.verdict_p``,
+``Row.label``, ``overall.histogram``, ``near_threshold_truncated`` and the
+``Drift`` fields after ``reference_n`` (see :mod:`lotscan.platform.drift`).
+``Region`` is a dict of :func:`lotscan.platform.regions.find_regions`.
+Lots, categories and defect types without a value have the key ``""``.
+
+Rules (each a module constant, chosen; the report states them):
+
+* **Verdict** of a group (:func:`verdict`): with ``n`` images scored, ``k``
+  flagged and the expected flag rate ``p0`` (``calibration.normal_fpr``, the
+  share of normal images the threshold flags by construction), ``verdict_p``
+  is the binomial tail ``P(K >= k | n, p0)``: how likely at least that many
+  flags are from false positives alone. ``review`` when ``verdict_p <
+  VERDICT_ALPHA`` (0.01), else ``pass``; ``no data`` without scored images,
+  ``unknown`` without ``p0``. A lot with real defects gets ``review``: its flag
+  rate is more than false positives explain, and someone should look.
+* **Near the threshold**: not flagged, ``score >= NEAR_FRACTION * threshold``
+  (0.8), highest first, at most ``max_near``.
+* **Flagged**: every flagged image, highest score first, at most
+  ``max_flagged`` (``score.report_max_flagged`` in the pipeline); how many were
+  left out is ``flagged_truncated``.
+* **Score quantiles**: numpy's linear interpolation over the group's finite
+  scores (the pipeline may use approximate, mergeable quantiles).
+* **Histogram**: ``HIST_BINS`` bins from 0 to ``HIST_RANGE`` x the largest
+  threshold, the last bin open (scores above it), per label: fixed edges, so
+  workers' counts add up.
+* **Failure reason**: the row's ``reason`` column when present, else the
+  error message with the image's URI removed, digits replaced by ``N`` and
+  details in parentheses dropped, so one cause is one group.
+* **Drift**: per lot and category, the scores of images not labelled
+  defective against the bundle's calibration scores (``reference_scores``).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
+import os
+import re
+import struct
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-TOP_K = 5
-"""How many worst images each lot's summary lists."""
+import lotscan
+from lotscan.platform import drift as drift_stats
+from lotscan.platform.regions import DEFAULT_MIN_AREA, draw_contours, find_regions
 
 OVERLAY_ALPHA = 0.5
 """Opacity of the colour map where the heatmap reaches ``vmax``."""
 
-LABEL_NAMES = {0: "good", 1: "defect", -1: "unknown"}
-LABEL_COLOURS = {0: "#3a923a", 1: "#d62728", -1: "#8c8c8c"}
-UNLABELLED_COLOUR = "#1f77b4"
+OVERLAY_RANGE = 2.0
+"""Overlays map 0 .. OVERLAY_RANGE x threshold onto the colour scale, so the
+threshold sits in its middle and one colour means the same on every card."""
+
+VERDICT_ALPHA = 0.01
+"""A group is ``review`` when false positives alone explain its flags with
+probability below this."""
+
+NEAR_FRACTION = 0.8
+"""Unflagged images scoring at least this share of the threshold are "near"."""
+
+REPORT_MAX_FLAGGED = 200
+"""Default cap on flagged rows in the summary (``score.report_max_flagged``)."""
+
+REPORT_MAX_NEAR = 24
+"""Default cap on near-threshold rows."""
+
+CARDS_PER_PAGE = 24
+"""Flagged cards shown open; the rest are collapsed in pages of this size."""
+
+HIST_BINS = 30
+HIST_RANGE = 3.0
+"""The score histogram spans 0 .. HIST_RANGE x threshold in HIST_BINS bins."""
+
+MAX_EXAMPLES = 5
+"""Example URIs kept per failure reason."""
+
+LABEL_NAMES = {0: "good", 1: "defective", -1: "unknown"}
+MODEL_KEYS = ("method", "model_id", "model_uri", "threshold", "thresholds_by_category",
+              "calibration_images", "threshold_images", "normal_fpr")
+VERDICTS = ("pass", "review", "no data", "unknown")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -73,10 +164,18 @@ def _empty(df: pd.DataFrame | None) -> bool:
     return df is None or len(df) == 0
 
 
-def _lot_keys(df: pd.DataFrame | None) -> pd.Series:
-    if _empty(df) or "lot_id" not in df.columns:
-        return pd.Series([""] * (0 if df is None else len(df)), dtype=object)
-    return df["lot_id"].astype(object).where(df["lot_id"].notna(), "").astype(str)
+def _keys(df: pd.DataFrame, column: str) -> pd.Series:
+    """A column as strings, missing values as ``""`` (the no-value key)."""
+    if column not in df.columns:
+        return pd.Series([""] * len(df), index=df.index, dtype=object)
+    col = df[column]
+    return col.astype(object).where(col.notna(), "").astype(str)
+
+
+def _labels(df: pd.DataFrame) -> np.ndarray:
+    if "label" not in df.columns:
+        return np.full(len(df), -1, dtype=int)
+    return pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int).to_numpy()
 
 
 def _check_columns(df: pd.DataFrame, name: str, required: tuple[str, ...]) -> None:
@@ -85,128 +184,271 @@ def _check_columns(df: pd.DataFrame, name: str, required: tuple[str, ...]) -> No
         raise ValueError(f"{name} rows are missing column(s) {missing}; got {list(df.columns)}")
 
 
-def _decisions(df: pd.DataFrame) -> pd.Series:
-    return df["decision"].fillna(False).astype(bool)
+def verdict(images_scored: int, images_flagged: int,
+            expected_rate: float | None) -> tuple[str, float | None]:
+    """``(verdict, verdict_p)`` of a group (see the module docstring)."""
+    if images_scored <= 0:
+        return "no data", None
+    p0 = _float(expected_rate)
+    if p0 is None or not 0.0 < p0 < 1.0:
+        return "unknown", None
+    from scipy.stats import binom
+
+    p = 1.0 if images_flagged <= 0 else float(binom.sf(images_flagged - 1, images_scored, p0))
+    return ("review" if p < VERDICT_ALPHA else "pass"), p
 
 
-def _score_stats(scores: pd.Series) -> dict:
-    values = pd.to_numeric(scores, errors="coerce").to_numpy(dtype=float)
+def score_stats(scores: Sequence[float] | np.ndarray) -> dict[str, float | None]:
+    values = np.asarray(scores, dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
-        return {"count": 0, "min": None, "p50": None, "p95": None, "max": None, "mean": None}
-    return {
-        "count": int(values.size),
-        "min": float(values.min()),
-        "p50": float(np.percentile(values, 50)),
-        "p95": float(np.percentile(values, 95)),
-        "max": float(values.max()),
-        "mean": float(values.mean()),
-    }
+        return {k: None for k in ("min", "p50", "p90", "p99", "max", "mean")}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"min": float(values.min()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "max": float(values.max()), "mean": float(values.mean())}
 
 
-def _threshold(df: pd.DataFrame, model: dict) -> float | list[float] | None:
-    """The threshold the rows were decided with: one float, or a sorted list if several."""
-    values: list[float] = []
-    if not _empty(df) and "threshold" in df.columns:
-        for v in pd.unique(df["threshold"]):
-            f = _float(v)
-            if f is not None and f not in values:
-                values.append(f)
-    if not values:
-        return _float(model.get("threshold")) if model else None
-    return values[0] if len(values) == 1 else sorted(values)
-
-
-def _worst(df: pd.DataFrame, k: int = TOP_K) -> list[dict]:
-    if _empty(df):
-        return []
-    scores = pd.to_numeric(df["score"], errors="coerce")
-    ranked = df.assign(_score=scores)[scores.notna()]
-    ranked = ranked.sort_values("_score", ascending=False, kind="stable").head(k)
-    out = []
-    for _, row in ranked.iterrows():
-        item = {"uri": row.get("uri"), "score": row["_score"]}
-        for col in ("image_id", "decision", "label", "heatmap_uri"):
-            if col in ranked.columns:
-                item[col] = row[col]
-        if "decision" in item:
-            item["decision"] = bool(item["decision"]) if pd.notna(item["decision"]) else None
-        out.append(item)
-    return _jsonable(out)
-
-
-def _label_counts(df: pd.DataFrame) -> dict:
-    if _empty(df) or "label" not in df.columns:
-        labels = pd.Series([], dtype=int)
-    else:
-        labels = pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int)
-    return {name: int((labels == code).sum()) for code, name in LABEL_NAMES.items()}
-
-
-def _counts(results: pd.DataFrame, n_failed: int, model: dict) -> dict:
-    scored = 0 if _empty(results) else len(results)
-    flagged = 0 if _empty(results) else int(_decisions(results).sum())
-    scores = pd.Series([], dtype=float) if _empty(results) else results["score"]
+def _group(results: pd.DataFrame, n_failed: int, expected_rate: float | None) -> dict[str, Any]:
+    scored = len(results)
+    flagged = int(results["decision"].fillna(False).astype(bool).sum()) if scored else 0
+    labels = _labels(results)
+    word, p = verdict(scored, flagged, expected_rate)
+    scores = pd.to_numeric(results["score"], errors="coerce").to_numpy(float) if scored else []
     return {
         "images_scored": scored,
         "images_failed": int(n_failed),
         "images_flagged": flagged,
         "flag_rate": flagged / scored if scored else None,
-        "threshold": _threshold(results, model),
-        "score": _score_stats(scores),
-        "labels": _label_counts(results),
+        "expected_flag_rate": _float(expected_rate),
+        "verdict": word,
+        "verdict_p": p,
+        "score": score_stats(scores),
+        "labels": {name: int((labels == code).sum()) for code, name in LABEL_NAMES.items()},
     }
+
+
+_DIGITS = re.compile(r"\d+")
+_DETAILS = re.compile(r"\s*\([^()]*\)")
+
+
+def failure_reason(error: str, uri: str = "") -> str:
+    """A failure's group key: the message without the URI, numbers or details."""
+    text = str(error or "").replace(str(uri), "") if uri else str(error or "")
+    text = text.strip().lstrip(":").strip()
+    text = _DETAILS.sub("", text)
+    text = _DIGITS.sub("N", text)
+    text = " ".join(text.split())
+    return (text[:120] or "unknown error")
+
+
+def _failures(failures: pd.DataFrame) -> dict[str, Any]:
+    if _empty(failures):
+        return {"total": 0, "retryable": 0, "by_reason": {}}
+    uris = _keys(failures, "uri")
+    if "reason" in failures.columns:
+        reasons = _keys(failures, "reason")
+    else:
+        errors = _keys(failures, "error")
+        reasons = pd.Series([failure_reason(e, u) for e, u in zip(errors, uris, strict=True)],
+                            index=failures.index)
+    retry = (failures["retryable"].fillna(False).astype(bool) if "retryable" in failures.columns
+             else pd.Series(False, index=failures.index))
+    by_reason: dict[str, Any] = {}
+    for reason in reasons.value_counts(sort=True).index:  # most frequent first
+        mask = reasons == reason
+        by_reason[str(reason)] = {
+            "count": int(mask.sum()),
+            "retryable": int(retry[mask].sum()),
+            "examples": sorted(uris[mask])[:MAX_EXAMPLES],
+        }
+    return {"total": len(failures), "retryable": int(retry.sum()), "by_reason": by_reason}
+
+
+def _row_regions(results: pd.DataFrame, regions: pd.DataFrame | None) -> dict[str, list]:
+    if "regions" in results.columns:
+        out = {}
+        for image_id, value in zip(_keys(results, "image_id"), results["regions"], strict=True):
+            if isinstance(value, (list, tuple, np.ndarray)):
+                out[image_id] = [dict(r) for r in value]
+        return out
+    if _empty(regions) or "image_id" not in regions.columns:
+        return {}
+    ordered = regions.sort_values(["image_id", "region_id"] if "region_id" in regions.columns
+                                  else ["image_id"], kind="stable")
+    return {str(k): frame.drop(columns=["image_id"]).to_dict("records")
+            for k, frame in ordered.groupby("image_id", sort=False)}
+
+
+ROW_FIELDS = ("image_id", "uri", "lot_id", "category", "defect_type", "label", "score",
+              "threshold", "decision", "heatmap_uri", "heatmap_max")
+
+
+def _rows(frame: pd.DataFrame, regions: dict[str, list]) -> list[dict[str, Any]]:
+    out = []
+    for record in frame.to_dict("records"):
+        row = {k: record.get(k) for k in ROW_FIELDS}
+        for key in ("image_id", "uri", "lot_id", "category", "defect_type", "heatmap_uri"):
+            row[key] = "" if row[key] is None or (isinstance(row[key], float)
+                                                  and math.isnan(row[key])) else str(row[key])
+        row["label"] = int(_float(row["label"]) if _float(row["label"]) is not None else -1)
+        row["decision"] = bool(row["decision"]) if row["decision"] is not None else False
+        row["regions"] = regions.get(row["image_id"], [])
+        out.append(row)
+    return _jsonable(out)
+
+
+def histogram_edges(thresholds: Sequence[float]) -> list[float]:
+    top = max([t for t in (_float(v) for v in thresholds) if t is not None and t > 0],
+              default=1.0)
+    return [float(x) for x in np.linspace(0.0, HIST_RANGE * top, HIST_BINS + 1)]
+
+
+def histogram_counts(scores: np.ndarray, edges: Sequence[float]) -> list[int]:
+    """Counts per bin; below 0 in the first bin, above the last edge in the last."""
+    values = np.asarray(scores, dtype=float)
+    values = values[np.isfinite(values)]
+    idx = np.clip(np.searchsorted(np.asarray(edges), values, side="right") - 1, 0,
+                  len(edges) - 2)
+    return np.bincount(idx, minlength=len(edges) - 1).astype(int).tolist()
+
+
+def _reference_for(reference_scores: Any, category: str) -> Sequence[float] | None:
+    if reference_scores is None:
+        return None
+    if isinstance(reference_scores, Mapping):
+        return reference_scores.get(category)
+    return reference_scores
 
 
 # --------------------------------------------------------------------------- summary
 
 
 def lot_summary(
-    results: pd.DataFrame, failures: pd.DataFrame, model: dict, output_uri: str
-) -> dict:
-    """A JSON-serialisable summary of one scoring run, per lot and overall.
+    results: pd.DataFrame | None,
+    failures: pd.DataFrame | None,
+    model: Mapping[str, Any] | None,
+    out_uri: str = "",
+    *,
+    input_uris: Sequence[str] = (),
+    reference_scores: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+    regions: pd.DataFrame | None = None,
+    max_flagged: int = REPORT_MAX_FLAGGED,
+    max_near: int = REPORT_MAX_NEAR,
+    generated_at: str | None = None,
+) -> dict[str, Any]:
+    """The summary dict of a scoring run (schema and rules: the module docstring).
 
-    ``lots`` maps each lot id (as a string) to its counts (``images_scored``,
-    ``images_failed``, ``images_flagged``, ``flag_rate``), score statistics
-    (``min``, ``p50``, ``p95``, ``max``, ``mean``), label counts, the
-    ``threshold`` (a float, or a sorted list if the rows used several) and the
-    ``TOP_K`` highest-scoring images (``worst``). ``overall`` has the same
-    counts and statistics over all lots. A lot that only failed, or empty
-    inputs, give zero counts and ``None`` statistics. Only builtin types are
-    returned: ``json.dumps(summary, allow_nan=False)`` always works.
+    ``results`` needs ``lot_id, uri, score, decision`` (and uses ``image_id,
+    category, defect_type, label, threshold, heatmap_uri, heatmap_max,
+    regions`` when present); ``failures`` uses ``uri, lot_id, category, error``
+    and ``reason``/``retryable`` when present. ``model`` is passed through; its
+    ``normal_fpr`` is every group's expected flag rate. ``reference_scores``:
+    the bundle's calibration scores (one sorted list, or one per category) for
+    drift. ``regions``: a regions table (``image_id, region_id, ...``) when the
+    result rows have no ``regions`` column.
     """
     results = results if results is not None else pd.DataFrame()
     failures = failures if failures is not None else pd.DataFrame()
-    model = dict(model or {})
+    model = _jsonable(dict(model or {}))
     if not _empty(results):
         _check_columns(results, "results", ("lot_id", "uri", "score", "decision"))
+    else:
+        results = pd.DataFrame(columns=["image_id", "uri", "lot_id", "category", "defect_type",
+                                        "label", "score", "decision", "threshold"])
+    expected = _float(model.get("normal_fpr"))
+    r_lot, r_cat, r_dt = (_keys(results, c) for c in ("lot_id", "category", "defect_type"))
+    f_lot = _keys(failures, "lot_id") if not _empty(failures) else pd.Series([], dtype=object)
+    f_cat = _keys(failures, "category") if not _empty(failures) else pd.Series([], dtype=object)
 
-    result_lots = _lot_keys(results)
-    failure_lots = _lot_keys(failures)
-    lot_ids = sorted(set(result_lots) | set(failure_lots))
-
-    lots = {}
-    for lot in lot_ids:
-        lot_results = results[result_lots.to_numpy() == lot] if len(results) else results
-        n_failed = int((failure_lots == lot).sum())
-        entry = _counts(lot_results, n_failed, model)
-        entry["worst"] = _worst(lot_results)
+    lots: dict[str, Any] = {}
+    for lot in sorted(set(r_lot) | set(f_lot)):
+        in_lot = (r_lot == lot).to_numpy()
+        lot_rows = results[in_lot]
+        lot_fail = f_lot == lot
+        entry = _group(lot_rows, int(lot_fail.sum()), expected)
+        categories: dict[str, Any] = {}
+        drift: dict[str, Any] = {}
+        for cat in sorted(set(r_cat[in_lot]) | set(f_cat[lot_fail])):
+            in_cat = (r_cat[in_lot] == cat).to_numpy()
+            cat_rows = lot_rows[in_cat]
+            cat_entry = _group(cat_rows, int((lot_fail & (f_cat == cat)).sum()), expected)
+            dts = r_dt[in_lot][in_cat]
+            cat_entry["defect_types"] = {
+                dt: _group(cat_rows[(dts == dt).to_numpy()], 0, expected)
+                for dt in sorted(set(dts))
+            }
+            categories[cat] = cat_entry
+            reference = _reference_for(reference_scores, cat)
+            if reference is not None and len(reference) and len(cat_rows):
+                normal = cat_rows[_labels(cat_rows) != 1]
+                drift[cat] = drift_stats.score_drift(
+                    pd.to_numeric(normal["score"], errors="coerce").to_numpy(float), reference)
+        entry["categories"] = categories
+        entry["drift"] = drift
         lots[lot] = entry
 
-    overall = _counts(results, 0 if _empty(failures) else len(failures), model)
-    overall["lots"] = len(lot_ids)
+    overall = _group(results, 0 if _empty(failures) else len(failures), expected)
+    thresholds = [model.get("threshold"), *(model.get("thresholds_by_category") or {}).values()]
+    if "threshold" in results.columns:
+        thresholds += list(pd.to_numeric(results["threshold"], errors="coerce").dropna().unique())
+    edges = histogram_edges(thresholds)
+    labels = _labels(results)
+    scores = pd.to_numeric(results["score"], errors="coerce").to_numpy(float)
+    overall["histogram"] = {"edges": edges, "counts": {
+        name: histogram_counts(scores[labels == code], edges)
+        for code, name in LABEL_NAMES.items()}}
+
+    region_map = _row_regions(results, regions)
+    scores_s = pd.Series(scores, index=results.index)
+    decided = results["decision"].fillna(False).astype(bool) if len(results) else scores_s > 0
+    ranked = results.assign(_s=scores_s)  # before filtering: an empty selection keeps its index
+    flagged = ranked[decided & scores_s.notna()]
+    flagged = flagged.sort_values(["_s", "uri"], ascending=[False, True], kind="stable")
+    thr = (pd.to_numeric(results["threshold"], errors="coerce") if "threshold" in results.columns
+           else pd.Series(_float(model.get("threshold")), index=results.index, dtype=float))
+    near = ranked[~decided & scores_s.notna() & (scores_s >= NEAR_FRACTION * thr)]
+    near = near.sort_values(["_s", "uri"], ascending=[False, True], kind="stable")
+
     summary = {
-        "lot_ids": lot_ids,
-        "lots": lots,
-        "overall": overall,
+        "lotscan_version": lotscan.__version__,
+        "generated_at": generated_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "out_uri": out_uri,
+        "input_uris": list(input_uris),
         "model": model,
-        "output_uri": output_uri,
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "overall": overall,
+        "lots": lots,
+        "failures": _failures(failures),
+        "flagged": _rows(flagged.head(max_flagged), region_map),
+        "flagged_truncated": max(len(flagged) - max_flagged, 0),
+        "near_threshold": _rows(near.head(max_near), region_map),
+        "near_threshold_truncated": max(len(near) - max_near, 0),
     }
     return _jsonable(summary)
 
 
-# --------------------------------------------------------------------------- overlay
+def trend_rows(*summaries: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per lot over ``summaries`` (the first one given wins for a lot
+    that appears in several, so pass the current run first), sorted by lot id:
+    ``{lot_id, images_scored, flag_rate, expected_flag_rate, verdict, p50, p90,
+    p99, drift_alarm}``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for summary in summaries:
+        for lot, entry in (summary.get("lots") or {}).items():
+            if lot in rows:
+                continue
+            score = entry.get("score") or {}
+            rows[lot] = {
+                "lot_id": lot, "images_scored": entry.get("images_scored", 0),
+                "flag_rate": entry.get("flag_rate"),
+                "expected_flag_rate": entry.get("expected_flag_rate"),
+                "verdict": entry.get("verdict"),
+                "p50": score.get("p50"), "p90": score.get("p90"), "p99": score.get("p99"),
+                "drift_alarm": any(d.get("alarm") for d in (entry.get("drift") or {}).values()),
+            }
+    return [rows[k] for k in sorted(rows)]
+
+
+# --------------------------------------------------------------------------- images
 
 
 def _jet_lut() -> np.ndarray:
@@ -233,6 +475,36 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _heat_at(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
+    heat = np.asarray(heatmap, dtype=np.float32)
+    while heat.ndim > 2 and heat.shape[0] == 1:
+        heat = heat[0]
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap must be HxW, got shape {np.asarray(heatmap).shape}")
+    heat = np.where(np.isfinite(heat), heat, 0.0).astype(np.float32)
+    if heat.shape != (height, width):
+        resized = Image.fromarray(heat).resize((width, height), Image.Resampling.BILINEAR)
+        heat = np.asarray(resized, dtype=np.float32)
+    return heat
+
+
+def _blend(rgb: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
+    scale = _float(vmax)
+    if scale is None or scale <= 0:
+        scale = float(heat.max()) if heat.size and heat.max() > 0 else 1.0
+    level = np.clip(heat / scale, 0.0, 1.0)
+    colour = JET_LUT[np.round(level * 255).astype(np.int64)].astype(np.float32)
+    alpha = (OVERLAY_ALPHA * level)[:, :, None]
+    blended = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, vmax: float) -> bytes:
     """PNG bytes of ``image`` with ``heatmap`` colour-mapped and alpha-blended on top.
 
@@ -244,300 +516,272 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, vmax: float) -> bytes:
     the heatmap's maximum.
     """
     rgb = _as_rgb(image)
-    height, width = rgb.shape[:2]
-    heat = np.asarray(heatmap, dtype=np.float32)
-    while heat.ndim > 2 and heat.shape[0] == 1:
-        heat = heat[0]
-    if heat.ndim != 2:
-        raise ValueError(f"heatmap must be HxW, got shape {np.asarray(heatmap).shape}")
-    heat = np.where(np.isfinite(heat), heat, 0.0).astype(np.float32)
-    if heat.shape != (height, width):
-        resized = Image.fromarray(heat).resize((width, height), Image.Resampling.BILINEAR)
-        heat = np.asarray(resized, dtype=np.float32)
+    return _png(_blend(rgb, _heat_at(heatmap, *rgb.shape[:2]), vmax))
 
-    scale = _float(vmax)
-    if scale is None or scale <= 0:
-        scale = float(heat.max()) if heat.size and heat.max() > 0 else 1.0
-    level = np.clip(heat / scale, 0.0, 1.0)
 
-    colour = JET_LUT[np.round(level * 255).astype(np.int64)].astype(np.float32)
-    alpha = (OVERLAY_ALPHA * level)[:, :, None]
-    blended = rgb.astype(np.float32) * (1.0 - alpha) + colour * alpha
-    out = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    out.save(buffer, format="PNG")
-    return buffer.getvalue()
+def card_images(image: np.ndarray, heatmap: np.ndarray, threshold: float,
+                region_threshold: float | None = None,
+                min_area: int = DEFAULT_MIN_AREA) -> dict[str, bytes]:
+    """``{"image_png", "overlay_png"}`` of one card, both at the image's size
+    (pass the image as scored, ``data.image_size``: nothing is upscaled).
+
+    The overlay maps 0 .. ``OVERLAY_RANGE`` x ``threshold`` onto the colour
+    scale (the report's colour bar) and outlines the regions above
+    ``region_threshold`` (default: the image threshold) of at least
+    ``min_area`` pixels, as :func:`lotscan.platform.regions.find_regions`
+    finds them, so the outlines match the regions table.
+    """
+    rgb = _as_rgb(image)
+    heat = _heat_at(heatmap, *rgb.shape[:2])
+    thr = _float(threshold)
+    vmax = OVERLAY_RANGE * thr if thr is not None and thr > 0 else 0.0
+    overlay = _blend(rgb, heat, vmax)
+    cut = region_threshold if region_threshold is not None else thr
+    if cut is not None:
+        labels, _ = find_regions(heat, cut, min_area=min_area)
+        overlay = draw_contours(overlay, labels)
+    return {"image_png": _png(rgb), "overlay_png": _png(overlay)}
+
+
+def png_size(png: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG header, or ``None`` if it is not a PNG."""
+    if len(png) < 24 or png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", png[16:24])
 
 
 # --------------------------------------------------------------------------- HTML report
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 def _fmt(value: Any, digits: int = 4) -> str:
     f = _float(value)
-    if f is None:
-        if isinstance(value, list):
-            return ", ".join(_fmt(v, digits) for v in value)
-        return "–"
-    return f"{f:.{digits}g}"
+    return "–" if f is None else f"{f:.{digits}g}"
 
 
-def _pct(value: Any) -> str:
+def _pct(value: Any, digits: int = 1) -> str:
     f = _float(value)
-    return "–" if f is None else f"{100.0 * f:.1f}%"
+    return "–" if f is None else f"{100.0 * f:.{digits}f} %"
+
+
+def _href(uri: Any) -> str | None:
+    """A link target for a URI, or ``None`` when it would not be safe to link
+    (only http(s), s3, gs and file URLs and absolute local paths are linked)."""
+    text = str(uri or "")
+    if not text or any(c in text for c in "\r\n\t"):
+        return None
+    lower = text.lower()
+    if lower.startswith(("http://", "https://", "s3://", "gs://", "file://")):
+        return text
+    if "://" not in text and os.path.isabs(text):
+        return "file://" + quote(text)
+    return None
 
 
 def _data_uri(png: bytes | None) -> str | None:
-    if not png:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii") if png else None
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("lotscan.platform", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=_fmt, pct=_pct, href=_href)
+    return env
+
+
+def _none_key(key: str) -> str:
+    return key if key else "(none)"
+
+
+def _svg_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    return [float(x) for x in np.linspace(lo, hi, count)]
+
+
+def _trend_chart(trend: list[dict[str, Any]], threshold: float | None) -> dict[str, Any] | None:
+    """Geometry (numbers only; labels are escaped by the template) of two panels:
+    flag rate per lot with the expected rate, and p50/p90/p99 per lot."""
+    if not trend:
         return None
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    width, left, right = 600, 58, 14
+    panel_h, top, gap, bottom = 140, 28, 56, 70
+    plot_w = width - left - right
+    n = len(trend)
+
+    def x_of(i: int) -> float:
+        return left + (plot_w / 2 if n == 1 else i * plot_w / (n - 1))
+
+    rates = [_float(r.get("flag_rate")) for r in trend]
+    expected = [_float(r.get("expected_flag_rate")) for r in trend]
+    r_hi = max([v for v in rates + expected if v is not None] + [0.01]) * 1.15
+    q_keys = ("p50", "p90", "p99")
+    qs = {k: [_float(r.get(k)) for r in trend] for k in q_keys}
+    q_vals = [v for k in q_keys for v in qs[k] if v is not None]
+    if threshold is not None:
+        q_vals.append(threshold)
+    q_hi = (max(q_vals) if q_vals else 1.0) * 1.15 or 1.0
+
+    y1_top, y2_top = top, top + panel_h + gap
+
+    def y_rate(v: float) -> float:
+        return y1_top + panel_h - v / r_hi * panel_h
+
+    def y_q(v: float) -> float:
+        return y2_top + panel_h - v / q_hi * panel_h
+
+    def path(values: list[float | None], y) -> str:
+        pts = [(x_of(i), y(v)) for i, v in enumerate(values) if v is not None]
+        return " ".join(f"{x:.1f},{yy:.1f}" for x, yy in pts)
+
+    step = max(1, math.ceil(n / 10))
+    exp_line = next((v for v in expected if v is not None), None)
+    return {
+        "width": width, "height": y2_top + panel_h + bottom, "left": left, "plot_w": plot_w,
+        "panel_h": panel_h, "y1": y1_top, "y2": y2_top,
+        "rate_points": [{"x": x_of(i), "y": y_rate(v), "v": v, "lot": trend[i]["lot_id"],
+                         "alarm": trend[i].get("drift_alarm"), "verdict": trend[i].get("verdict")}
+                        for i, v in enumerate(rates) if v is not None],
+        "rate_path": path(rates, y_rate),
+        "rate_ticks": [{"y": y_rate(v), "label": _pct(v, 0 if r_hi > 0.05 else 1)}
+                       for v in _svg_ticks(0, r_hi / 1.15, 3)],
+        "expected_y": y_rate(exp_line) if exp_line is not None else None,
+        "expected_label": _pct(exp_line),
+        "q_paths": [{"key": k, "points": path(qs[k], y_q)} for k in q_keys],
+        "q_points": [{"key": k, "x": x_of(i), "y": y_q(v), "v": v, "lot": trend[i]["lot_id"]}
+                     for k in q_keys for i, v in enumerate(qs[k]) if v is not None],
+        "q_ticks": [{"y": y_q(v), "label": _fmt(v, 3)} for v in _svg_ticks(0, q_hi / 1.15, 3)],
+        "threshold_y": y_q(threshold) if threshold is not None else None,
+        "threshold_label": _fmt(threshold),
+        "x_labels": [{"x": x_of(i), "label": _none_key(r["lot_id"])}
+                     for i, r in enumerate(trend) if i % step == 0 or i == n - 1],
+        "x_axis_y": y2_top + panel_h,
+    }
 
 
-def _thresholds(summary: dict, results: pd.DataFrame) -> list[float]:
-    found = _threshold(results, summary.get("model") or {})
-    if found is None:
-        return []
-    return [found] if isinstance(found, float) else list(found)
-
-
-def _histogram_svg(results: pd.DataFrame, thresholds: list[float], bins: int) -> str:
-    width, height = 640, 280
-    left, right, top, bottom = 56, 20, 28, 48
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    if _empty(results) or "score" not in results.columns:
-        scores = np.array([], dtype=float)
-        labels = np.array([], dtype=int)
-    else:
-        scores = pd.to_numeric(results["score"], errors="coerce").to_numpy(dtype=float)
-        if "label" in results.columns:
-            labels = pd.to_numeric(results["label"], errors="coerce").fillna(-1)
-            labels = labels.astype(int).to_numpy()
-        else:
-            labels = np.full(scores.shape, -1, dtype=int)
-        keep = np.isfinite(scores)
-        scores, labels = scores[keep], labels[keep]
-
-    parts = [
-        f'<svg class="histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="score histogram">'
-    ]
-    axis_y = top + plot_h
-    parts.append(
-        f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>'
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="#333"/>'
-        f'<text x="{left + plot_w / 2}" y="{height - 8}" text-anchor="middle">anomaly score</text>'
-        f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + plot_h / 2})">images</text>'
-    )
-    if scores.size == 0:
-        parts.append(
-            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" text-anchor="middle">'
-            "no scores</text></svg>"
-        )
-        return "".join(parts)
-
-    lo = float(min(scores.min(), *thresholds)) if thresholds else float(scores.min())
-    hi = float(max(scores.max(), *thresholds)) if thresholds else float(scores.max())
-    if hi <= lo:
-        pad = abs(lo) * 0.05 or 0.5
-        lo, hi = lo - pad, hi + pad
-    edges = np.linspace(lo, hi, max(int(bins), 1) + 1)
-
-    labelled = bool(np.isin(labels, [0, 1]).any())
-    groups = [0, 1, -1] if labelled else [None]
-    counts = {}
-    for group in groups:
-        values = scores if group is None else scores[labels == group]
-        counts[group] = np.histogram(values, bins=edges)[0]
-    totals = sum(counts.values())
-    y_max = max(int(totals.max()), 1)
-
-    def x_of(value: float) -> float:
-        return left + (value - lo) / (hi - lo) * plot_w
-
-    def y_of(count: float) -> float:
-        return axis_y - count / y_max * plot_h
-
-    bar_w = plot_w / len(totals)
-    for i in range(len(totals)):
+def _histogram_chart(hist: Mapping[str, Any] | None,
+                     thresholds: list[float]) -> dict[str, Any] | None:
+    if not hist or not hist.get("edges"):
+        return None
+    edges = [float(e) for e in hist["edges"]]
+    counts = {k: list(v) for k, v in (hist.get("counts") or {}).items()}
+    totals = np.sum([counts[k] for k in counts], axis=0) if counts else np.zeros(len(edges) - 1)
+    if not np.any(totals):
+        return None
+    width, left, right, top, bottom, plot_h = 600, 50, 14, 30, 46, 190
+    plot_w = width - left - right
+    y_max = int(max(totals.max(), 1))
+    lo, hi = edges[0], edges[-1]
+    bar_w = plot_w / (len(edges) - 1)
+    bars = []
+    for i in range(len(edges) - 1):
         base = 0
-        for group in groups:
-            n = int(counts[group][i])
-            if n == 0:
+        for key in ("good", "defective", "unknown"):
+            c = int(counts.get(key, [0] * (len(edges) - 1))[i])
+            if not c:
                 continue
-            colour = UNLABELLED_COLOUR if group is None else LABEL_COLOURS[group]
-            name = "images" if group is None else LABEL_NAMES[group]
-            y0, y1 = y_of(base + n), y_of(base)
-            parts.append(
-                f'<rect x="{left + i * bar_w:.2f}" y="{y0:.2f}" width="{max(bar_w - 1, 0.5):.2f}" '
-                f'height="{y1 - y0:.2f}" fill="{colour}"><title>{_e(name)}: {n} in '
-                f"[{_fmt(edges[i])}, {_fmt(edges[i + 1])})</title></rect>"
-            )
-            base += n
+            y0 = top + plot_h - (base + c) / y_max * plot_h
+            bars.append({"x": left + i * bar_w, "y": y0, "w": max(bar_w - 1, 0.5),
+                         "h": c / y_max * plot_h, "key": key, "count": c,
+                         "lo": edges[i], "hi": edges[i + 1],
+                         "open": i == len(edges) - 2})
+            base += c
 
-    for tick in np.linspace(lo, hi, 5):
-        x = x_of(float(tick))
-        parts.append(
-            f'<line x1="{x:.2f}" y1="{axis_y}" x2="{x:.2f}" y2="{axis_y + 4}" stroke="#333"/>'
-            f'<text x="{x:.2f}" y="{axis_y + 17}" text-anchor="middle">{_fmt(tick, 3)}</text>'
-        )
-    for tick in sorted({0, y_max // 2, y_max}):
-        y = y_of(tick)
-        parts.append(
-            f'<line x1="{left - 4}" y1="{y:.2f}" x2="{left}" y2="{y:.2f}" stroke="#333"/>'
-            f'<text x="{left - 7}" y="{y + 4:.2f}" text-anchor="end">{tick}</text>'
-        )
+    def x_of(v: float) -> float:
+        return left + (min(max(v, lo), hi) - lo) / (hi - lo) * plot_w
 
-    for threshold in thresholds:
-        x = x_of(threshold)
-        parts.append(
-            f'<line class="threshold" x1="{x:.2f}" y1="{top - 6}" x2="{x:.2f}" y2="{axis_y}" '
-            f'stroke="#000" stroke-width="2" stroke-dasharray="6 3"/>'
-            f'<text x="{x + 4:.2f}" y="{top - 10}">threshold {_fmt(threshold)}</text>'
-        )
-
-    if labelled:
-        x = left + plot_w - 230
-        for group in groups:
-            parts.append(
-                f'<rect x="{x}" y="{top}" width="10" height="10" fill="{LABEL_COLOURS[group]}"/>'
-                f'<text x="{x + 14}" y="{top + 9}">{LABEL_NAMES[group]}</text>'
-            )
-            x += 78
-    parts.append("</svg>")
-    return "".join(parts)
+    return {
+        "width": width, "height": top + plot_h + bottom, "left": left, "top": top,
+        "plot_w": plot_w, "plot_h": plot_h, "bars": bars,
+        "x_ticks": [{"x": x_of(v), "label": _fmt(v, 3)} for v in _svg_ticks(lo, hi, 7)],
+        "y_ticks": [{"y": top + plot_h - v / y_max * plot_h, "label": str(v)}
+                    for v in sorted({0, y_max // 2, y_max})],
+        "thresholds": [{"x": x_of(t), "label": _fmt(t)} for t in thresholds],
+        "legend": [k for k in ("good", "defective", "unknown")
+                   if any(counts.get(k, [])) and not (k == "unknown" and len(counts) == 1)],
+    }
 
 
-def _totals_table(summary: dict) -> str:
-    header = (
-        "<tr><th>lot</th><th>scored</th><th>failed</th><th>flagged</th><th>flag rate</th>"
-        "<th>threshold</th><th>score p50</th><th>score p95</th><th>score max</th></tr>"
-    )
-
-    def row(name: str, entry: dict, css: str = "") -> str:
-        score = entry.get("score") or {}
-        return (
-            f"<tr{css}><td>{_e(name)}</td><td>{_e(entry.get('images_scored', 0))}</td>"
-            f"<td>{_e(entry.get('images_failed', 0))}</td>"
-            f"<td>{_e(entry.get('images_flagged', 0))}</td>"
-            f"<td>{_pct(entry.get('flag_rate'))}</td><td>{_fmt(entry.get('threshold'))}</td>"
-            f"<td>{_fmt(score.get('p50'))}</td><td>{_fmt(score.get('p95'))}</td>"
-            f"<td>{_fmt(score.get('max'))}</td></tr>"
-        )
-
-    rows = [row(lot or "(no lot)", entry) for lot, entry in (summary.get("lots") or {}).items()]
-    rows.append(row("total", summary.get("overall") or {}, ' class="total"'))
-    return f'<table class="totals">{header}{"".join(rows)}</table>'
+def _colour_stops(count: int = 11) -> list[dict[str, Any]]:
+    return [{"offset": f"{100 * i / (count - 1):.0f}%",
+             "colour": "#{:02x}{:02x}{:02x}".format(*JET_LUT[round(255 * i / (count - 1))])}
+            for i in range(count)]
 
 
-def _worst_grid(worst: list[dict]) -> str:
-    if not worst:
-        return "<p>No images scored.</p>"
-    cards = []
-    for item in worst:
-        images = []
-        for key, alt in (("image_png", "image"), ("overlay_png", "heatmap overlay")):
-            src = _data_uri(item.get(key))
-            if src:
-                images.append(f'<img src="{src}" alt="{alt}">')
-        decision = item.get("decision")
-        verdict = "flagged" if decision else ("not flagged" if decision is not None else "")
-        label = item.get("label")
-        label_name = LABEL_NAMES.get(int(label), str(label)) if _float(label) is not None else ""
-        facts = [f"score {_fmt(item.get('score'))}", verdict]
-        if label_name and label_name != "unknown":
-            facts.append(f"label {label_name}")
-        cards.append(
-            f'<figure class="card"><div class="pair">{"".join(images)}</div>'
-            f"<figcaption><b>{_e(' · '.join(f for f in facts if f))}</b><br>"
-            f"<code>{_e(item.get('uri'))}</code></figcaption></figure>"
-        )
-    return f'<div class="grid">{"".join(cards)}</div>'
+def _card_view(row: Mapping[str, Any], cards: Mapping[str, Mapping[str, bytes]]) -> dict:
+    card = cards.get(row.get("image_id", ""), {}) if cards else {}
+    images = []
+    for key, alt in (("image_png", "image"), ("overlay_png", "heatmap overlay")):
+        png = card.get(key)
+        size = png_size(png) if png else None
+        if not size:
+            continue
+        zoom = max(1, min(4, 160 // max(size[0], 1)))  # whole-pixel zoom of small images
+        images.append({"src": _data_uri(png), "alt": alt, "w": size[0], "h": size[1],
+                       "display_w": size[0] * zoom})
+    thr = _float(row.get("threshold"))
+    score = _float(row.get("score"))
+    label = _float(row.get("label"))
+    return {**row, "images": images,
+            "ratio": score / thr if score is not None and thr else None,
+            "label_name": LABEL_NAMES.get(int(label), "unknown") if label is not None
+            else "unknown"}
 
 
-def _failures_table(failures: pd.DataFrame) -> str:
-    if _empty(failures):
-        return ""
-    rows = []
-    for _, row in failures.iterrows():
-        rows.append(
-            f"<tr><td><code>{_e(row.get('uri'))}</code></td><td>{_e(row.get('lot_id'))}</td>"
-            f"<td>{_e(row.get('error'))}</td></tr>"
-        )
-    return (
-        f"<h2>Failures ({len(failures)})</h2>"
-        '<table class="failures"><tr><th>uri</th><th>lot</th><th>error</th></tr>'
-        f"{''.join(rows)}</table>"
-    )
+def _pages(items: list, size: int) -> list[dict[str, Any]]:
+    return [{"first": i + 1, "last": min(i + size, len(items)), "items": items[i:i + size]}
+            for i in range(0, len(items), size)]
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th:first-child, td:first-child, table.failures td { text-align: left; }
-tr.total { font-weight: bold; background: #f4f4f4; }
-svg.histogram { font-size: 11px; background: #fafafa; border: 1px solid #ddd; }
-.grid { display: flex; flex-wrap: wrap; gap: 1em; }
-.card { margin: 0; padding: 0.5em; border: 1px solid #ddd; max-width: 520px; }
-.pair { display: flex; gap: 4px; }
-.pair img { width: 256px; height: auto; image-rendering: pixelated; }
-figcaption { font-size: 12px; word-break: break-all; margin-top: 4px; }
-.meta { color: #666; font-size: 12px; }
-"""
-
-
-def render_report(
-    summary: dict,
-    results: pd.DataFrame,
-    failures: pd.DataFrame,
-    worst: list[dict],
-    bins: int = 30,
-) -> str:
+def render_report(summary: Mapping[str, Any],
+                  cards: Mapping[str, Mapping[str, bytes]] | pd.DataFrame | None = None,
+                  trend: list[dict[str, Any]] | pd.DataFrame | None = None,
+                  *legacy: Any) -> str:
     """One self-contained HTML page for a scoring run.
 
-    ``summary`` comes from :func:`lot_summary`; ``results`` and ``failures``
-    are the same rows; each ``worst`` item is ``{"uri", "score", "decision",
-    "label", "image_png", "overlay_png"}`` with PNG bytes, shown side by side
-    (one ``<img>`` per PNG given). The score histogram is inline SVG with the
-    threshold as a dashed vertical line, bars coloured by label when labels
-    exist. No external assets, no JavaScript; every data string is escaped.
+    ``summary``: :func:`lot_summary`'s dict (or the pipeline's, same schema).
+    ``cards``: ``image_id -> {"image_png", "overlay_png"}`` (:func:`card_images`)
+    for the flagged and near-threshold rows (rows without a card show their
+    facts only). ``trend``: :func:`trend_rows` over this and earlier summaries
+    (default: this summary's lots).
+
+    Transitional: the pre-``scoring`` pipeline calls ``render_report(summary,
+    results_df, failures_df, worst)``; that form still works (cards from
+    ``worst``, matched to rows by URI) until lot_scoring.py is replaced.
     """
-    model = summary.get("model") or {}
-    lot_ids = summary.get("lot_ids") or list((summary.get("lots") or {}).keys())
-    lots_text = ", ".join(str(lot) for lot in lot_ids) or "(no lots)"
-    details = [str(model["method"])] if model.get("method") else []
-    if model.get("version") is not None:
-        details.append(f"v{model['version']}")
-    model_text = str(model.get("model_id") or "")
-    if details:
-        model_text = f"{model_text} ({', '.join(details)})".strip()
-    title = f"lotscan report — lots {lots_text}" + (f" — model {model_text}" if model_text else "")
-    thresholds = _thresholds(summary, results)
-    meta = (
-        f"output: <code>{_e(summary.get('output_uri'))}</code> · "
-        f"generated {_e(summary.get('generated_at'))} · "
-        f"threshold {_e(_fmt(thresholds if len(thresholds) != 1 else thresholds[0]))}"
-    )
-    body = [
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">{meta}</p>',
-        "<h2>Totals</h2>",
-        _totals_table(summary),
-        "<h2>Score histogram</h2>",
-        _histogram_svg(results, thresholds, bins),
-        f"<h2>Worst images ({len(worst)})</h2>",
-        _worst_grid(worst),
-        _failures_table(failures),
-    ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(part for part in body if part)
-        + "\n</body></html>\n"
-    )
+    if isinstance(cards, pd.DataFrame):
+        results, worst = cards, (legacy[0] if legacy else [])
+        ids = dict(zip(_keys(results, "uri"), _keys(results, "image_id"), strict=True))
+        cards = {ids.get(str(w.get("uri")), str(w.get("uri"))): w for w in worst}
+        trend = None
+    cards = cards or {}
+    trend = trend_rows(summary) if trend is None else list(trend)
+    model = {**dict.fromkeys(MODEL_KEYS), **(summary.get("model") or {})}
+    lots = summary.get("lots") or {}
+    by_cat = model.get("thresholds_by_category") or {}
+    thresholds = sorted({t for t in [_float(model.get("threshold")),
+                                     *(_float(v) for v in by_cat.values())] if t is not None})
+    single = thresholds[0] if len(thresholds) == 1 else None
+    flagged = [_card_view(r, cards) for r in summary.get("flagged") or []]
+    near = [_card_view(r, cards) for r in summary.get("near_threshold") or []]
+    drift_rows = [{"lot": lot, "category": cat, **d}
+                  for lot, entry in lots.items() for cat, d in (entry.get("drift") or {}).items()]
+    lots_text = ", ".join(_none_key(k) for k in lots) or "no lots"
+    view = {
+        "title": f"lotscan report: {lots_text}",
+        "summary": summary, "model": model, "lots": lots, "overall": summary.get("overall") or {},
+        "failures": summary.get("failures") or {"total": 0, "retryable": 0, "by_reason": {}},
+        "flagged_pages": _pages(flagged, CARDS_PER_PAGE), "flagged_count": len(flagged),
+        "flagged_truncated": summary.get("flagged_truncated") or 0,
+        "near": near, "near_truncated": summary.get("near_threshold_truncated") or 0,
+        "drift_rows": drift_rows, "thresholds": thresholds, "single_threshold": single,
+        "thresholds_by_category": by_cat,
+        "trend": _trend_chart(trend, single), "trend_rows": trend,
+        "histogram": _histogram_chart((summary.get("overall") or {}).get("histogram"),
+                                      thresholds),
+        "colour_stops": _colour_stops(), "overlay_range": OVERLAY_RANGE,
+        "verdict_alpha": VERDICT_ALPHA, "near_fraction": NEAR_FRACTION,
+        "ks_alpha": drift_stats.KS_ALPHA, "ks_min_d": drift_stats.KS_MIN_D,
+        "psi_alarm": drift_stats.PSI_ALARM,
+        "none_key": _none_key,
+    }
+    return _environment().get_template("report.html.j2").render(**view)

@@ -172,8 +172,21 @@ def _s3fs(endpoint: str | None, region: str | None, anon: bool, max_attempts: in
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path to hand it."""
+    """The fsspec filesystem for ``uri`` and the path to hand it. An ``s3://`` URI
+    outside ``storage.allowed_buckets`` / ``LOTSCAN_ALLOWED_BUCKETS`` (both apply
+    when both are set) is a :class:`StorageError`, raised before any request."""
     if uri.startswith("s3://"):
+        configured = set(storage.allowed_buckets or ())
+        from_env = {b.strip() for b in os.environ.get("LOTSCAN_ALLOWED_BUCKETS", "").split(",")
+                    if b.strip()}
+        if configured or from_env:
+            allowed = configured & from_env if configured and from_env else configured | from_env
+            bucket = uri[len("s3://"):].split("/", 1)[0]
+            if bucket not in allowed:
+                raise StorageError(
+                    f"{uri}: bucket {bucket!r} is not in the allowed buckets "
+                    f"({', '.join(sorted(allowed)) or 'none'}; storage.allowed_buckets and "
+                    f"LOTSCAN_ALLOWED_BUCKETS)")
         return _s3fs(_endpoint(storage), storage.region, storage.anon, storage.max_attempts,
                      storage.connect_timeout_s, storage.read_timeout_s), uri[len("s3://"):]
     if uri.startswith("file://"):
@@ -371,6 +384,7 @@ def pyarrow_filesystem(uri: str, storage: StorageConfig):
     import pyarrow.fs as pafs
 
     if uri.startswith("s3://"):
+        filesystem(uri, storage)  # the bucket allow-list applies here too
         kwargs: dict = {}
         endpoint = _endpoint(storage)
         if endpoint:

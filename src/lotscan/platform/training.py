@@ -159,7 +159,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in shard.iter_torch_batches(batch_size=tc.batch_size, dtypes={"image": torch.uint8}):
             batches += 1
             x = to_model_input(batch["image"], device)
-            if tc.augment_flips:
+            if method.default_augment_flips if tc.augment_flips is None else tc.augment_flips:
                 x = _flip(x, generator)
             loss = method.training_loss(stage, nets, x, generator)
             optimizer.zero_grad(set_to_none=True)

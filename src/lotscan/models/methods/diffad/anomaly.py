@@ -2,13 +2,15 @@
 
 A Perlin noise map on a grid of ``2**a x 2**b`` cells (a, b drawn uniformly),
 randomly rotated and thresholded, gives a blob-shaped binary mask ``m``; a
-texture is blended inside it with opacity ``beta`` drawn uniformly in
-``[0, max_opacity)``::
+texture is blended inside it as DRAEM's ``augment_image`` does, with ``beta``
+(the weight the image keeps) drawn uniformly in ``[0, max_opacity)``::
 
-    x_a = (1 - beta * m) * x + beta * m * texture
+    x_a = (1 - m) * x + m * (beta * x + (1 - beta) * texture)
 
-so outside the mask ``x_a`` is exactly ``x``. A share ``1 - anomaly_probability``
-of the samples stays clean, with an empty mask.
+so outside the mask ``x_a`` is exactly ``x``, and inside it the texture weighs
+``1 - beta``, in (0.2, 1] with DRAEM's 0.8: every anomalous sample shows its
+texture at at least 20 %. A share ``1 - anomaly_probability`` of the samples
+stays clean, with an empty mask.
 
 Texture sources, in order of preference:
 
@@ -52,8 +54,9 @@ class SyntheticAnomalies(NamedTuple):
     """(N, 1, H, W) binary float mask; all zero for clean samples."""
     texture: torch.Tensor
     """(N, 3, H, W) the texture each sample was blended with."""
-    opacity: torch.Tensor
-    """(N,) beta of each sample (0 for clean samples)."""
+    beta: torch.Tensor
+    """(N,) DRAEM's beta of each sample, the image's weight inside the mask
+    (the texture's is ``1 - beta``); 1 for clean samples, which are the image."""
 
 
 @dataclass
@@ -63,6 +66,7 @@ class SynthesizerSettings:
     perlin_max_scale_exp: int = 4
     perlin_threshold: float = 0.5
     max_opacity: float = 0.8
+    """Bound of beta, the image's weight inside the mask (DRAEM: 0.8)."""
     rotate: bool = True
     """Rotate the Perlin map by an angle in [-90, 90) degrees (DRAEM does)."""
 
@@ -114,10 +118,41 @@ def _rotate(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def rotate_normal_images(images: torch.Tensor, probability: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """DRAEM's (and DiffAD's official) rotation of normal training images: each
+    image, with ``probability``, rotated about its centre by an angle uniform
+    in [-90, 90] degrees, bilinearly, the uncovered corners black (-1), as
+    ``iaa.Affine(rotate=(-90, 90))`` with its constant zero fill does. With
+    ``probability`` 0 nothing is drawn from ``generator``."""
+    if probability <= 0:
+        return images
+    n = images.shape[0]
+    chosen = torch.rand(n, generator=generator) < probability
+    degrees = _uniform(generator, n, low=-90.0, high=90.0)
+    if not chosen.any():
+        return images
+    keep = (~chosen).to(images.device).view(-1, 1, 1, 1)
+    return torch.where(keep, images, rotate_images(images, degrees))
+
+
+def rotate_images(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Square images (N, C, H, W) in [-1, 1], each rotated about its centre by its
+    angle (N,) in degrees, bilinearly; pixels from outside the image are black (-1)."""
+    theta = torch.deg2rad(degrees.to(torch.float32)).to(images.device, images.dtype)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    zeros = torch.zeros_like(cos)
+    affine = torch.stack([torch.stack([cos, -sin, zeros], -1), torch.stack([sin, cos, zeros], -1)], 1)
+    grid = F.affine_grid(affine, list(images.shape), align_corners=False)
+    return F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+
+
 def perlin_masks(
     n: int, height: int, width: int, settings: SynthesizerSettings, generator: torch.Generator
 ) -> torch.Tensor:
-    """``n`` non-empty (where possible) binary Perlin masks, (n, 1, H, W) float on CPU."""
+    """``n`` non-empty (where possible) binary Perlin masks, (n, 1, H, W) float on CPU.
+    The exponents are drawn in [min, max], both included (DRAEM's
+    ``torch.randint(0, 6)`` is 0..5)."""
     lo, hi = settings.perlin_min_scale_exp, settings.perlin_max_scale_exp
     masks = torch.zeros(n, 1, height, width)
     pending = list(range(n))
@@ -237,10 +272,11 @@ class AnomalySynthesizer:
         chosen = anomalous.nonzero().flatten()
         if len(chosen):
             masks[chosen] = perlin_masks(len(chosen), h, w, s, generator)
-        opacity = _uniform(generator, n, high=s.max_opacity) * anomalous.float()
+        drawn = _uniform(generator, n, high=s.max_opacity)
+        beta = torch.where(anomalous, drawn, torch.ones(n))
         texture = self.textures_for(images, generator)
         mask = masks.to(device=images.device, dtype=images.dtype)
-        beta = opacity.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
-        blended = (1 - beta) * images + beta * texture
+        b = beta.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
+        blended = b * images + (1 - b) * texture
         x_a = torch.where(mask > 0, blended, images)
-        return SyntheticAnomalies(x_a, mask, texture, opacity.to(images.device))
+        return SyntheticAnomalies(x_a, mask, texture, beta.to(images.device))

@@ -15,7 +15,14 @@ Three networks, trained one stage each in this order:
 
 At scoring, each of the S = ``num_samples`` work units draws its own initial
 noise (seeded from the image and the unit), reconstructs, segments, and the
-anomaly probabilities are averaged.
+anomaly probabilities are averaged (S = 1, the paper's, by default; several
+samples are lotscan's addition). The segmentation map is not mean-filtered
+(``default_smoothing_kernel`` 1): the official code evaluates pixels on the
+raw softmax and pools only for the image score.
+
+Every training stage first rotates ``normal_rotation_probability`` of the
+normal images (DRAEM's loader, which the official code uses, rotates 30 %;
+off by default, see the config field).
 
 Latents are normalised per channel with statistics stored in the latent
 denoiser (see :class:`~.networks.LatentDenoiser`); the interpolation is done
@@ -39,13 +46,18 @@ from torch import nn
 from lotscan.config import LotscanConfig
 from lotscan.models.diffusion import NoiseSchedule, ddim_x0
 from lotscan.models.method import AnomalyMethod, unit_noise
-from lotscan.models.methods.diffad.anomaly import AnomalySynthesizer, SynthesizerSettings
+from lotscan.models.methods.diffad.anomaly import (
+    AnomalySynthesizer,
+    SynthesizerSettings,
+    rotate_normal_images,
+)
 from lotscan.models.methods.diffad.loss import focal_loss
 from lotscan.models.methods.diffad.networks import (
     LatentDenoiser,
     build_autoencoder,
     build_latent_denoiser,
     build_segmenter,
+    noise_schedule,
 )
 from lotscan.models.reduction import Partial
 
@@ -107,6 +119,9 @@ class DiffADMethod(AnomalyMethod):
     name = "diffad"
     signal_names = ("segmentation",)
     stages = ("autoencoder", "latent_denoiser", "segmenter")
+    default_smoothing_kernel = 1
+    """No mean filter: the official test script scores pixels on the raw
+    softmax (and pools 21 x 21 only for the image score, ``score.image_score_pool``)."""
 
     def __init__(self, cfg: LotscanConfig, networks: dict[str, nn.Module] | None = None):
         super().__init__(cfg, networks)
@@ -123,7 +138,17 @@ class DiffADMethod(AnomalyMethod):
 
     @cached_property
     def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_config(self.cfg.diffad.latent_denoiser)
+        """The latent denoiser's schedule, with its beta range (official:
+        0.0015..0.02), which must be the one its weights were trained with."""
+        ld = self.cfg.diffad.latent_denoiser
+        den = self.networks.get("latent_denoiser")
+        if den is not None:
+            trained = tuple(float(v) for v in den.beta_range)
+            if not torch.allclose(torch.tensor(trained), torch.tensor([ld.beta_start, ld.beta_end]), rtol=1e-9):
+                raise ValueError(
+                    f"diffad.latent_denoiser.beta_start/beta_end = {ld.beta_start}..{ld.beta_end}, but the "
+                    f"latent denoiser was trained with {trained[0]}..{trained[1]}")
+        return noise_schedule(ld)
 
     @property
     def latent_denoiser(self) -> LatentDenoiser:
@@ -138,14 +163,16 @@ class DiffADMethod(AnomalyMethod):
     def stage_settings(self, stage: str) -> dict[str, Any]:
         d = self.cfg.to_dict()["diffad"]
         if stage == "autoencoder":
-            return {"autoencoder": d["autoencoder"], "image_size": self.cfg.data.image_size}
+            return {"autoencoder": d["autoencoder"], "image_size": self.cfg.data.image_size,
+                    "normal_rotation_probability": d["normal_rotation_probability"]}
         if stage == "latent_denoiser":
-            keys = ["latent_denoiser", "condition_noise", "max_opacity"]
+            keys = ["latent_denoiser", "condition_noise", "max_opacity", "normal_rotation_probability"]
             keys += [k for k in d if k.startswith(("anomaly_", "perlin_"))]
         elif stage == "segmenter":
             keys = ["segmenter", "segmenter_sample_steps", "sample_condition_level",
-                    "interpolated_channels", "interpolation_lambda"]
-            keys += [k for k in d if k.startswith("segmenter_") and k not in keys]
+                    "interpolated_channels", "interpolation_lambda", "max_opacity",
+                    "normal_rotation_probability"]
+            keys += [k for k in d if k.startswith(("segmenter_", "anomaly_", "perlin_")) and k not in keys]
         else:
             raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
         return {k: d[k] for k in sorted(keys)}
@@ -161,6 +188,8 @@ class DiffADMethod(AnomalyMethod):
         self, stage: str, nets: dict[str, nn.Module], images: torch.Tensor,
         generator: torch.Generator,
     ) -> torch.Tensor:
+        if stage in self.stages:
+            images = rotate_normal_images(images, self.cfg.diffad.normal_rotation_probability, generator)
         if stage == "autoencoder":
             return self._autoencoder_loss(nets["autoencoder"], images, generator)
         if stage == "latent_denoiser":
@@ -271,7 +300,8 @@ class DiffADMethod(AnomalyMethod):
             fresh["x_inter"] = x_inter
         batch = fresh
         if fresh_n < n:
-            cached = cache.draw(n - fresh_n, generator, self.cfg.train.augment_flips,
+            flips = self.cfg.train.augment_flips
+            cached = cache.draw(n - fresh_n, generator, self.default_augment_flips if flips is None else flips,
                                 images.device, images.dtype)
             batch = {k: torch.cat([fresh[k], cached[k]]) for k in fresh}
         if use_cache:

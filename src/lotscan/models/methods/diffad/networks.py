@@ -6,17 +6,44 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDPMScheduler
 from torch import nn
 
-from lotscan.config import LotscanConfig
+from lotscan.config import DenoiserConfig, LotscanConfig
 from lotscan.models.denoiser import build_unet
+from lotscan.models.diffusion import NoiseSchedule
 
 STATS_MOMENTUM_FLOOR = 1e-3
 """The latent statistics are a plain running mean over the first 1000 batches,
 then an exponential moving average with this momentum. The autoencoder is
 frozen while they are measured, so the latent distribution does not drift and
 a long average is the most accurate."""
+
+
+def noise_schedule(cfg: DenoiserConfig) -> NoiseSchedule:
+    """``NoiseSchedule.from_config`` with the config's beta range
+    (``beta_start``/``beta_end``, passed to diffusers' ``DDPMScheduler``).
+
+    ``NoiseSchedule`` takes only ``num_train_timesteps`` and ``beta_schedule``
+    (diffusers' default range 1e-4..0.02); when the schedule it builds is not
+    the configured one, its table is replaced. The result is checked through
+    ``alpha_bar`` itself, so a schedule that ignored the range would be an
+    error here, never a silently different model. (Once ``from_config`` reads
+    the range, the replacement is skipped.)"""
+    schedule = NoiseSchedule.from_config(cfg)
+    wanted = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                           beta_start=cfg.beta_start, beta_end=cfg.beta_end).alphas_cumprod.to(torch.float64)
+    t = torch.arange(cfg.num_train_timesteps)
+
+    def table() -> torch.Tensor:
+        return schedule.alpha_bar(t, torch.zeros(len(t), 1, dtype=torch.float64)).view(-1).cpu()
+
+    if not torch.allclose(table(), wanted, rtol=1e-6, atol=1e-9):
+        schedule.alphas_cumprod = wanted
+        if not torch.allclose(table(), wanted, rtol=1e-6, atol=1e-9):
+            raise RuntimeError(f"the noise schedule does not follow beta_start={cfg.beta_start}, "
+                               f"beta_end={cfg.beta_end}: NoiseSchedule changed, update noise_schedule")
+    return schedule
 
 
 def latent_size(cfg: LotscanConfig) -> int:
@@ -55,12 +82,17 @@ class LatentDenoiser(nn.Module):
     and cannot be separated from them.
     """
 
-    def __init__(self, unet: nn.Module, latent_channels: int):
+    def __init__(self, unet: nn.Module, latent_channels: int, beta_range: tuple[float, float] = (1e-4, 0.02)):
         super().__init__()
         self.unet = unet
         self.register_buffer("latent_mean", torch.zeros(latent_channels))
         self.register_buffer("latent_std", torch.ones(latent_channels))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+        # The (beta_start, beta_end) the UNet is trained with, saved with its
+        # weights: a bundle scored under another schedule is an error, not a
+        # silently different sampler (bundles made before the range was
+        # configurable lack it and do not load).
+        self.register_buffer("beta_range", torch.tensor(beta_range, dtype=torch.float64))
 
     @property
     def config(self) -> dict[str, Any]:
@@ -101,7 +133,8 @@ def build_latent_denoiser(cfg: LotscanConfig) -> LatentDenoiser:
     channels = cfg.diffad.autoencoder.latent_channels
     unet = build_unet(cfg.diffad.latent_denoiser, latent_size(cfg),
                       in_channels=2 * channels, out_channels=channels)
-    return LatentDenoiser(unet, channels)
+    ld = cfg.diffad.latent_denoiser
+    return LatentDenoiser(unet, channels, (ld.beta_start, ld.beta_end))
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:

@@ -1,10 +1,11 @@
 """DRDC's spatio-temporal fusion (paper Eq. 14-17) as an associative reduction.
 
-Every inpainting unit (mask set p, start timestep) yields predicted images
-``x^_k`` along its reverse trajectory. For each prediction used and each scale
+Every inpainting unit (partition q, mask set p, start timestep) yields
+predicted images ``x^_k`` along its reverse trajectory. For each prediction used and each scale
 s, the heatmap is the channel L2 norm of ``down_s(x) - down_s(x^_k)``, upsampled
 back to full size (Eq. 14). The refined map is the per-pixel average of all of
-them over units, steps and scales (Eq. 15): a sum and a count, so any split of
+them over units (inpainting specifications and start timesteps), steps and
+scales (Eq. 15): a sum and a count, so any split of
 the units reduces to the same map. The base heatmap is contributed once, by
 unit 0. Mean filtering (Eq. 16) and calibration are the shared Scorer's; the
 weighted sum (Eq. 17) is :func:`fuse`.

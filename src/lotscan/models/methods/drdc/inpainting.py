@@ -13,7 +13,9 @@ DDIM (eta 0) loop. Two conditionings keep the result on the image's category:
 
 Since the unknown cells start from noise that does not depend on what the
 image holds there, an anomaly inside them cannot leak into its own
-reconstruction (no "identical shortcut").
+reconstruction (no "identical shortcut"). Where that start noise comes from
+(the condition's fill, or a fresh draw independent of it) is the caller's
+``start`` (``drdc.start_noise``).
 """
 
 from __future__ import annotations
@@ -80,21 +82,25 @@ def inpaint(
     test_time_conditioning: bool = True,
     on_step: StepHook | None = None,
     clip_x0: bool = True,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inpaint the ``unknown`` region (N, 1, H, W) of ``image`` (N, 3, H, W) with
     ``steps`` DDIM (eta 0) steps from each sample's ``t_start`` down to clean.
 
-    ``condition`` is ``x~`` (the image with the unknown region filled with noise):
-    the start state is ``x~`` forward-noised to ``t_start`` with ``noise(0)``, so
-    the unknown region starts as pure N(0, 1) noise whatever the image holds
-    there. ``noise(k)`` (k >= 1) is the fresh noise with which the known region of
-    the state after step k is re-drawn from the input (test-time conditioning).
+    ``condition`` is ``x~`` (the image with the unknown region filled with noise).
+    The start state is ``start`` (default: ``condition``), an image whose
+    unknown region holds N(0, 1) noise, forward-noised to ``t_start`` with
+    ``noise(0)``, so the unknown region starts as pure N(0, 1) noise whatever
+    the image holds there. ``noise(k)`` (1 <= k < steps) is the fresh noise
+    with which the known region of the state after step k is re-drawn from the
+    input (test-time conditioning); after the last step the state is clean
+    (alpha_bar = 1), its known region the input itself, and nothing is drawn.
     ``clip_x0`` clamps each x0 prediction to the image range [-1, 1], as
     diffusers' DDIM sampler does by default. Returns the final image.
     """
     known = 1 - unknown
     seq = ddim_timesteps(t_start, steps)  # (N, steps + 1), ends at -1 (clean)
-    x = schedule.add_noise(condition, noise(0), seq[:, 0])
+    x = schedule.add_noise(condition if start is None else start, noise(0), seq[:, 0])
     for k in range(steps):
         t_cur, t_next = seq[:, k], seq[:, k + 1]
         a_cur = schedule.alpha_bar(t_cur, x)
@@ -107,7 +113,9 @@ def inpaint(
             on_step(k, t_cur, x, known * image + unknown * x0)
         x_next = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         if test_time_conditioning:
-            x_next = known * schedule.add_noise(image, noise(k + 1), t_next) + unknown * x_next
+            # The last step ends at t = -1 for every sample: the known region is the input.
+            known_next = image if k + 1 == steps else schedule.add_noise(image, noise(k + 1), t_next)
+            x_next = known * known_next + unknown * x_next
         # A sample whose schedule does not move here (start < steps) keeps its state.
         moving = (t_cur != t_next).to(x.device).view(-1, 1, 1, 1)
         x = torch.where(moving, x_next, x)

@@ -10,10 +10,15 @@ and calibrates both, and ``fuse`` mixes them with weight ``gamma``.
 
 Networks: ``backbone`` (pretrained, never trained), ``reconstructor`` (stage
 ``base``), ``inpainter`` (stage ``inpainter``). A work unit is one
-(mask set, start timestep) pair; all units of all images go through the UNet
-as one batch. All scoring noise, and the cell partition, are seeded from the
-image (:func:`unit_noise`), so an image's heatmap does not depend on its batch
-or on how the units are split.
+(partition, mask set, start timestep) triple; all units of all images go
+through the UNet as one batch. All scoring noise, and the cell partitions,
+are seeded from the image (:func:`unit_noise`), so an image's heatmap does not
+depend on its batch or on how the units are split.
+
+Defaults (each a ``drdc.`` field, see its docstring): one start timestep
+(250), 10 DDIM steps, one partition into P = 2 sets: 20 UNet calls per image.
+Training images are not flipped (``default_augment_flips``: the paper trains
+with "no augmented data involved").
 """
 
 from __future__ import annotations
@@ -53,22 +58,27 @@ from lotscan.models.methods.drdc.inpainting import (
 from lotscan.models.reduction import Partial
 
 PARTITION_STREAM = 0
-"""Seed stream of an image's cell partition; noise streams start above it."""
-CONDITION_NOISE, START_NOISE, KNOWN_NOISE = 0, 1, 2
+"""Seed stream of an image's first cell partition; partition q uses stream
+``PARTITION_STREAM - q``, and noise streams start above it."""
+CONDITION_NOISE, START_NOISE, KNOWN_NOISE, START_FILL = 0, 1, 2, 3
 """Purposes of the scoring noise: the fill of the unknown cells in ``x~``, the
-forward noise to the start timestep, the known-region noise after step k."""
+forward noise to the start timestep, the known-region noise after step k, and
+the fresh fill of the unknown cells of the start (``start_noise=independent``)."""
+NUM_PURPOSES = 4
 
 
 def noise_stream(unit: int, purpose: int, step: int, ddim_steps: int) -> int:
     """Distinct :func:`unit_noise` stream per (unit, purpose, step), step in
-    [0, ddim_steps]; never :data:`PARTITION_STREAM`."""
-    return 1 + 3 * (unit * (ddim_steps + 1) + step) + purpose
+    [0, ddim_steps]; always above :data:`PARTITION_STREAM`."""
+    return 1 + NUM_PURPOSES * (unit * (ddim_steps + 1) + step) + purpose
 
 
-def partition_generator(seed: int) -> torch.Generator:
-    """The generator of an image's partition: from the image's seed only (the
-    scheme of :func:`unit_noise`), so every unit of the image sees the same one."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + PARTITION_STREAM) % (2**63 - 1))
+def partition_generator(seed: int, partition: int = 0) -> torch.Generator:
+    """The generator of an image's partition ``partition``: from the image's
+    seed only (the scheme of :func:`unit_noise`), so every unit of the image
+    sees the same partitions."""
+    stream = PARTITION_STREAM - int(partition)
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
 
 
 class DRDCMethod(AnomalyMethod):
@@ -76,6 +86,8 @@ class DRDCMethod(AnomalyMethod):
     signal_names = ("base", "refined")
     stages = ("base", "inpainter")
     pretrained_networks = ("backbone",)
+    default_augment_flips = False
+    """The paper: "no augmented data involved" (UniAD's MVTec config has no flips either)."""
 
     # --- networks -----------------------------------------------------------------
     def build_networks(self) -> dict[str, nn.Module]:
@@ -141,25 +153,30 @@ class DRDCMethod(AnomalyMethod):
 
     # --- inpainting ---------------------------------------------------------------
     def num_units(self) -> int:
-        return self.cfg.drdc.num_mask_sets * len(self.cfg.drdc.start_timesteps)
+        d = self.cfg.drdc
+        return d.num_partitions * d.num_mask_sets * len(d.start_timesteps)
 
     def unit_spec(self, unit: int) -> tuple[int, int]:
-        """(mask set p, start timestep) of a unit; units run set-major."""
+        """(mask index q * P + p of partition q's set p, start timestep) of a unit;
+        units run partition-major, then set, then start timestep."""
         d = self.cfg.drdc
         if not 0 <= unit < self.num_units():
             raise ValueError(f"drdc unit {unit} outside [0, {self.num_units()})")
         return unit // len(d.start_timesteps), d.start_timesteps[unit % len(d.start_timesteps)]
 
     def unknown_masks(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-        """Per image the pixel masks of its P cell sets (B, P, H, W), from its seed."""
+        """Per image the pixel masks of the P cell sets of each of its
+        ``num_partitions`` partitions (B, num_partitions * P, H, W), from its seed;
+        mask ``q * P + p`` is set p of partition q."""
         d = self.cfg.drdc
         if height != width or height % d.grid_cell:
             raise ValueError(f"drdc needs square images whose side divides by drdc.grid_cell={d.grid_cell}, "
                              f"got {height} x {width}")
         g = height // d.grid_cell
         return torch.stack([
-            partition_masks(grid_partition(g, d.num_mask_sets, partition_generator(s)), d.num_mask_sets,
-                            d.grid_cell)
+            torch.cat([partition_masks(grid_partition(g, d.num_mask_sets, partition_generator(s, q)),
+                                       d.num_mask_sets, d.grid_cell)
+                       for q in range(d.num_partitions)])
             for s in seeds
         ])
 
@@ -183,6 +200,10 @@ class DRDCMethod(AnomalyMethod):
             return torch.stack(per_unit, dim=1).reshape(b * n_units, c, h, w)
 
         condition = masked_image(x, unknown, draw(CONDITION_NOISE, 0))
+        # start_noise=condition: x_T is x~ forward-noised, its unknown cells
+        # correlated with x~'s fill; independent: a fresh fill there, so x_T is
+        # independent of the fill the UNet is conditioned on, as in training.
+        start = condition if d.start_noise == "condition" else masked_image(x, unknown, draw(START_FILL, 0))
         t_start = torch.tensor([t for _, t in specs], dtype=torch.long).repeat(b)
         used = set(range(d.ddim_steps)) if d.fuse_trajectory else {d.ddim_steps - 1}
         total = torch.zeros(b * n_units, h, w, device=images.device, dtype=images.dtype)
@@ -197,7 +218,7 @@ class DRDCMethod(AnomalyMethod):
         eps_model = conditioned_eps_model(self.networks["inpainter"], condition if d.model_conditioning else None)
         inpaint(eps_model, self.schedule, x, condition, unknown, t_start, d.ddim_steps,
                 noise=lambda k: draw(START_NOISE, 0) if k == 0 else draw(KNOWN_NOISE, k),
-                test_time_conditioning=d.test_time_conditioning, on_step=accumulate)
+                test_time_conditioning=d.test_time_conditioning, on_step=accumulate, start=start)
         count = torch.full((b,), float(n_units * len(used) * len(d.scales)), device=images.device,
                            dtype=images.dtype)
         return total.view(b, n_units, h, w).sum(dim=1), count
