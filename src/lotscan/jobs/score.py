@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, storage)
     check_bundle(args.model, overrides)  # the overrides against the bundle's rules
 
-    from lotscan.platform.scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
+    from lotscan.platform.scoring import score_lots
 
     ensure_ray(args.ray_address)
     score_lots(args.model, args.input, args.out, overrides=overrides, categories=args.category,
