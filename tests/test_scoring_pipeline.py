@@ -75,7 +75,7 @@ def test_fan_out_gives_the_heatmaps_of_in_actor_scoring(method, bundles, ray_loc
     off = score_lots(bundles[method], demo_root, str(tmp_path / "off"),
                      overrides={"score": {"fanout": "off"}}, **quiet)
     fan = score_lots(bundles[method], demo_root, str(tmp_path / "fan"),
-                     overrides={"score": {"fanout": 1, "num_actors": 2, "num_cpus_per_actor": 0.5,
+                     overrides={"score": {"fanout": 1, "num_actors": 2,
                                           "batch_size": 2}}, **quiet)
     assert off["scored"] == fan["scored"] == 6 and off["failed"] == fan["failed"] == 0
     a = read_table(str(tmp_path / "off"), "results", StorageConfig()).set_index("image_id")

@@ -14,7 +14,7 @@ import pytest
 from lotscan.config import StorageConfig
 from lotscan.platform.scoring.faults import ModelFault
 from lotscan.platform.scoring.lease import LeaseError, OutputLease
-from lotscan.platform.scoring.summary import Stats, quantile_from_hist, reason_of, summarize
+from lotscan.platform.scoring.summary import Stats, quantile_from_hist, summarize
 from lotscan.platform.scoring.units import expand_chunks, score_or_bisect, units_per_chunk
 
 
@@ -135,47 +135,62 @@ def test_a_lease_waits_when_asked(tmp_path):
 
 def _frame(n, rng, lot="L1"):
     return pd.DataFrame({
-        "image_id": [f"{lot}{i}" for i in range(n)], "uri": [f"/x/{lot}{i}.png" for i in range(n)],
+        "image_id": [f"{lot}{i:04d}" for i in range(n)], "uri": [f"/x/{lot}{i:04d}.png" for i in range(n)],
         "lot_id": lot, "category": rng.choice(["a", "b"], n), "defect_type": rng.choice(["good", "x"], n),
         "label": rng.choice([0, 1, -1], n), "score": rng.gamma(2.0, 0.3, n), "threshold": 1.0,
-        "heatmap_uri": "", "heatmap_max": np.nan, "regions": 0,
+        "heatmap_uri": "", "heatmap_max": np.nan,
     }).assign(decision=lambda f: f["score"] > 1.0)
 
 
-def test_merged_stats_equal_stats_of_all_rows():
+def _failures(n, lot="L1"):
+    return pd.DataFrame({"uri": [f"/f/{i}.png" for i in range(n)], "lot_id": lot, "category": "a",
+                         "error": [f"/f/{i}.png: truncated ({i} bytes)" if i % 3 else
+                                   f"/f/{i}.png: could not be read (timeout)" for i in range(n)],
+                         "retryable": [i % 3 == 0 for i in range(n)]})
+
+
+def test_merged_stats_give_the_reference_summary():
+    """Stats merged over blocks == report.lot_summary over all rows, except that
+    quantiles are exact to one histogram bin."""
+    from lotscan.platform import drift, report
+
     rng = np.random.default_rng(0)
     a, b = _frame(300, rng, "L1"), _frame(200, rng, "L2")
-    whole = Stats(threshold=1.0, cap=50).add_results(pd.concat([a, b]))
-    parts = Stats(threshold=1.0, cap=50).add_results(a).merge(Stats(threshold=1.0, cap=50).add_results(b))
-    assert whole.groups == parts.groups
-    assert [r["image_id"] for r in whole.flagged] == [r["image_id"] for r in parts.flagged]
-    summary = summarize(parts, {"method": "dta"}, "/out", ["/in"], 0.01, "0", "now")
-    both = pd.concat([a, b])
-    assert summary["overall"]["images_scored"] == 500
-    assert summary["overall"]["images_flagged"] == int(both["decision"].sum())
-    assert summary["lots"]["L1"]["categories"]["a"]["images_scored"] == int((a["category"] == "a").sum())
-    p90 = summary["overall"]["score"]["p90"]
-    assert abs(p90 - float(np.quantile(both["score"], 0.9))) <= 4.0 / 200 + 1e-9  # one bin
-    assert len(summary["flagged"]) == 50 and summary["flagged_truncated"] == int(both["decision"].sum()) - 50
+    fails = _failures(7)
+    reference = np.sort(rng.gamma(2.0, 0.3, 60))
+    edges = drift.bin_edges(reference).tolist()
+    model = {"method": "dta", "threshold": 1.0, "normal_fpr": 0.01}
+    blank = Stats(threshold=1.0, report_edges=report.histogram_edges([1.0]), drift_edges=edges,
+                  max_flagged=40, max_near=10)
+    merged = Stats.from_json(blank.to_json()).add_results(a)
+    merged.merge(Stats.from_json(blank.to_json()).add_results(b))
+    merged.merge(Stats.from_json(Stats.from_json(blank.to_json()).add_failures(fails).to_json()))
+    got = summarize(merged, model, "/out", ["/in"], drift.bin_counts(reference, edges).tolist(),
+                    "v", "now")
+    want = report.lot_summary(pd.concat([a, b]), fails, model, "/out", input_uris=["/in"],
+                              reference_scores=reference, max_flagged=40, max_near=10,
+                              generated_at="now")
+    want["lotscan_version"] = "v"
+
+    def strip(tree):  # quantiles are approximate: compare them apart
+        if isinstance(tree, dict):
+            return {k: strip(v) for k, v in tree.items() if k not in ("p50", "p90", "p99", "mean")}
+        if isinstance(tree, list):
+            return [strip(v) for v in tree]
+        return round(tree, 9) if isinstance(tree, float) else tree
+
+    assert strip(got) == strip(want)
+    for q in ("p50", "p90", "p99"):
+        assert abs(got["overall"]["score"][q] - want["overall"]["score"][q]) <= 4.0 / 400 + 1e-9
+    assert got["overall"]["score"]["mean"] == pytest.approx(want["overall"]["score"]["mean"])
+    assert got["flagged_truncated"] > 0 and len(got["flagged"]) == 40
 
 
 def test_quantiles_from_a_histogram_are_within_one_bin():
     rng = np.random.default_rng(1)
     values = rng.uniform(0, 3, 5000)
-    edges = np.linspace(0, 4, 201)
-    hist = np.bincount(np.clip(np.searchsorted(edges, values, side="right") - 1, 0, 199), minlength=200)
+    edges = np.linspace(0, 4, 401)
+    hist = np.bincount(np.clip(np.searchsorted(edges, values, side="right") - 1, 0, 399), minlength=400)
     for q in (0.1, 0.5, 0.99):
         got = quantile_from_hist(hist.tolist(), edges, q, values.min(), values.max())
-        assert abs(got - np.quantile(values, q)) <= 0.02 + 1e-9
-
-
-def test_failures_group_by_reason_without_the_image_details():
-    assert reason_of("/a/x.png: truncated (12 bytes)", "/a/x.png") == "truncated (# bytes)"
-    stats = Stats(threshold=1.0).add_failures(pd.DataFrame({
-        "uri": ["/a/1.png", "/a/2.png", "/a/3.png"], "lot_id": "L", "category": "",
-        "error": ["/a/1.png: truncated (5 bytes)", "/a/2.png: truncated (9 bytes)",
-                  "/a/3.png: could not be read (timeout)"], "retryable": [False, False, True]}))
-    summary = summarize(stats, {}, "/out", [], 0.01, "0", "now")
-    reasons = summary["failures"]["by_reason"]
-    assert reasons["truncated (# bytes)"]["count"] == 2
-    assert summary["failures"]["retryable"] == 1 and summary["failures"]["total"] == 3
+        assert abs(got - np.quantile(values, q)) <= 0.01 + 1e-9

@@ -469,9 +469,11 @@ class ScoreConfig:
     """Normalised score mapped to 65535 in 16-bit PNG heatmaps."""
     report_top_k: int = 12
     """Worst images shown with overlays in the HTML report."""
-    report_max_flagged: int = 2000
-    """Flagged (and near-threshold) rows kept in summary.json and the report;
-    the count of the rest is given."""
+    report_max_flagged: int = 200
+    """Flagged rows kept (with a card each) in summary.json and the report;
+    how many more there are is given (every one is in the results table)."""
+    region_min_area: int = 4
+    """Smallest defect region kept, in heatmap pixels (a 2 x 2 blob at 64 px)."""
 
 
 @dataclass
@@ -643,6 +645,7 @@ class LotscanConfig:
             (0 < self.score.max_retryable_fraction <= 1, "score.max_retryable_fraction",
              "must be in (0, 1]"),
             (self.score.report_max_flagged >= 1, "score.report_max_flagged", "must be >= 1"),
+            (self.score.region_min_area >= 1, "score.region_min_area", "must be >= 1"),
             (self.score.smoothing_kernel is None
              or (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1),
              "score.smoothing_kernel", "must be an odd number >= 1, or null for the method's default"),

@@ -55,7 +55,13 @@ _TYPES: dict[str, pa.DataType] = {
     "threshold": pa.float64(), "heatmap_max": pa.float64(), "regions": pa.int64(),
     "decode_ms": pa.float64(), "score_ms": pa.float64(), "scored_at": _TIMESTAMP,
     "failed_at": _TIMESTAMP, "retryable": pa.bool_(),
+    # the regions table
+    "region_id": pa.int64(), "area_px": pa.int64(), "x0": pa.int64(), "y0": pa.int64(),
+    "x1": pa.int64(), "y1": pa.int64(), "centroid_x": pa.float64(), "centroid_y": pa.float64(),
+    "peak": pa.float64(), "mean_score": pa.float64(),
 }
+REGION_COLUMNS = ["image_id", "lot_id", "region_id", "area_px", "x0", "y0", "x1", "y1",
+                  "centroid_x", "centroid_y", "peak", "mean_score"]
 
 
 def results_dir(out_uri: str) -> str:

@@ -29,6 +29,7 @@ import lotscan
 from lotscan.config import LotscanConfig, storage_config
 from lotscan.models.bundle import Bundle, BundleError
 from lotscan.platform.bundles import open_bundle
+from lotscan.platform.console import Progress
 from lotscan.platform.decode import DecodeBatch
 from lotscan.platform.readers import InputError, _normalize, detect_layout
 from lotscan.platform.runtime import cluster_has_gpus, ensure_ray
@@ -100,35 +101,24 @@ class Totals:
         return done
 
 
-class _Progress:
-    """A plain progress line every few seconds, with rate and ETA."""
-
-    def __init__(self, total: int, log: Log, every_s: float = 10.0):
-        self.total, self.log, self.every_s = total, log, every_s
-        self.done = 0
-        self.start = self.last = time.time()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every_s or self.done >= self.total:
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_text = f"{eta:.0f}s" if math.isfinite(eta) else "?"
-            self.log(f"[lotscan score] {self.done}/{self.total} images "
-                     f"({rate:.1f}/s, ETA {eta_text})")
-            self.last = now
-
-    def close(self) -> None:
-        pass
-
-
-def _actor_resources(cfg: LotscanConfig) -> tuple[float, float]:
+def _actor_resources(cfg: LotscanConfig, fanout: bool) -> tuple[float, float]:
+    """(GPUs, CPUs) each scoring (and reduce) actor reserves. With GPUs: one GPU
+    (or ``num_gpus_per_actor``) and half a CPU. On a CPU-only cluster the actors
+    together leave one CPU (at least what a decode or write task asks) to the
+    tasks around them: actors hold their CPUs for the whole run, and a pool that
+    holds them all would leave decoding, the fan-out shuffle and the writes
+    waiting forever."""
     gpus = cfg.score.num_gpus_per_actor
     if gpus is None:
         gpus = 1 if cluster_has_gpus() else 0
-    cpus = cfg.score.num_cpus_per_actor
-    return float(gpus), float(cpus if cpus is not None else (1.0 if not gpus else 0.5))
+    if cfg.score.num_cpus_per_actor is not None:
+        return float(gpus), float(cfg.score.num_cpus_per_actor)
+    if gpus:
+        return float(gpus), 0.5
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    free = max(cfg.score.decode_num_cpus, cfg.score.write_num_cpus, 1.0)
+    holders = cfg.score.num_actors + (cfg.score.reduce_actors if fanout else 0)
+    return 0.0, round(min(1.0, max(0.05, (total - free) / holders)), 2)
 
 
 def _pool(cfg: LotscanConfig) -> ActorPoolStrategy:
@@ -149,7 +139,7 @@ def build_pipeline(todo: ray.data.Dataset, cfg: LotscanConfig, model_uri: str,
                    overrides: dict[str, Any], sink: Sink, per_chunk: int,
                    num_units: int) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts for ``todo`` (one execution)."""
-    gpus, actor_cpus = _actor_resources(cfg)
+    gpus, actor_cpus = _actor_resources(cfg, per_chunk < num_units)
     host = {"model_uri": model_uri, "overrides": overrides}
     ds = todo.map_batches(DecodeBatch(cfg.storage, cfg.data), batch_size=cfg.score.decode_batch_size,
                           batch_format="numpy", num_cpus=cfg.score.decode_num_cpus)
@@ -167,12 +157,12 @@ def build_pipeline(todo: ray.data.Dataset, cfg: LotscanConfig, model_uri: str,
         partitions = max(1, min(int(ray.cluster_resources().get("CPU", 1)), 16))
         ds = ds.groupby("image_id", num_partitions=partitions).map_groups(
             ReduceImages, fn_constructor_kwargs=host, batch_format="numpy",
-            compute=ActorPoolStrategy(size=cfg.score.reduce_actors), num_cpus=0.5)
+            compute=ActorPoolStrategy(size=cfg.score.reduce_actors), num_cpus=actor_cpus if not gpus else 0.5)
     return ds.map_batches(write_batch, fn_kwargs={"sink": sink}, batch_size=cfg.score.write_batch_size,
                           batch_format="numpy", num_cpus=cfg.score.write_num_cpus)
 
 
-def _run(ds: ray.data.Dataset, totals: Totals, progress: _Progress, cfg: LotscanConfig) -> None:
+def _run(ds: ray.data.Dataset, totals: Totals, progress: Progress, cfg: LotscanConfig) -> None:
     seen = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         done = totals.add(batch)
@@ -244,19 +234,22 @@ def score_lots(
                 per_chunk = units_per_chunk(cfg.score.fanout, n_todo, cfg.score.num_actors,
                                             num_units)
                 sink = Sink(out_uri, storage, run_id, cfg.score.heatmap_format,
-                            cfg.score.heatmap_png_max, retry)
+                            cfg.score.heatmap_png_max, retry,
+                            getattr(bundle.calibration, "region_threshold", None),
+                            cfg.score.region_min_area)
                 windows = 1 if per_chunk >= num_units else max(
                     1, math.ceil(n_todo / cfg.score.fanout_window_images))
                 if per_chunk < num_units:
                     log(f"[lotscan score] fan-out: {math.ceil(num_units / per_chunk)} chunks of "
                         f"<= {per_chunk} units per image, reduced by image in {windows} window(s)")
-                progress = _Progress(n_todo, log)
+                progress = Progress(n_todo, unit="images", desc="[lotscan score] scoring")
                 for w in range(windows):
                     part = todo if windows == 1 else todo.map_batches(
                         _window, fn_kwargs={"index": w, "count": windows}, batch_format="pandas")
                     _run(build_pipeline(part, cfg, model_uri, overrides, sink, per_chunk, num_units),
                          totals, progress, cfg)
                     lease.check()
+                progress.close()
                 if retry_failed and old_failures:
                     # Every image of the old failure parts got a new row in this run.
                     reconcile(out_uri, storage, id_refs(result_ids(out_uri, storage))[0])

@@ -30,6 +30,7 @@ from lotscan.platform import metrics
 from lotscan.platform.decode import TRANSIENT
 from lotscan.platform.scoring.outputs import (
     FAILURE_COLUMNS,
+    REGION_COLUMNS,
     RESULT_COLUMNS,
     failures_dir,
     heatmap_bytes,
@@ -53,13 +54,33 @@ class Sink:
     """Writes finalized batches under ``out_uri`` (see the module docstring)."""
 
     def __init__(self, out_uri: str, storage: StorageConfig, run_id: str, heatmap_format: str,
-                 heatmap_png_max: float, retryable: frozenset[str]):
+                 heatmap_png_max: float, retryable: frozenset[str],
+                 region_threshold: float | None = None, region_min_area: int = 4):
         self.out_uri = out_uri
         self.storage = storage
         self.run_id = run_id
         self.fmt = heatmap_format
         self.png_max = heatmap_png_max
         self.retryable = retryable
+        self.region_threshold = region_threshold
+        self.region_min_area = region_min_area
+
+    def _regions(self, frame: pd.DataFrame, heatmaps: np.ndarray) -> pd.DataFrame:
+        """Defect regions of the flagged images (connected components of the map
+        above the region threshold; the image threshold when the bundle has none)."""
+        from lotscan.platform.regions import find_regions, region_rows
+
+        rows = []
+        counts = np.zeros(len(frame), dtype=np.int64)
+        for i, r in enumerate(frame.itertuples(index=False)):
+            if r.error or not r.decision:
+                continue
+            cut = self.region_threshold if self.region_threshold is not None else float(r.threshold)
+            _, found = find_regions(heatmaps[i], cut, min_area=self.region_min_area)
+            counts[i] = len(found)
+            rows += [{**row, "lot_id": r.lot_id} for row in region_rows(str(r.image_id), found)]
+        frame["regions"] = counts
+        return pd.DataFrame(rows)
 
     def _write_heatmaps(self, frame: pd.DataFrame, heatmaps: np.ndarray) -> tuple[list[str], dict[int, str]]:
         """Concurrently (object storage answers each PUT in tens of ms)."""
@@ -91,7 +112,7 @@ class Sink:
             frame.loc[frame.index[i], ["error", "error_kind"]] = [reason, TRANSIENT]
         fmt_png = self.fmt == "png16"
         frame["heatmap_max"] = self.png_max if fmt_png else np.nan
-        frame["regions"] = 0
+        regions = self._regions(frame, heatmaps)
         frame["run_id"] = self.run_id
         frame["scored_at"] = now
         frame["failed_at"] = now
@@ -112,6 +133,15 @@ class Sink:
                 counts["flagged"] += int(part["decision"].sum())
             except StorageError:
                 counts["unwritten"] += len(part)
+        if len(regions):
+            done = set(written)
+            regions = regions[regions["image_id"].isin(done)]
+            for lot, part in regions.groupby("lot_id", sort=True):
+                uri = join(lot_folder(self.out_uri, "regions", str(lot)), part_name(part["image_id"]))
+                try:
+                    write_table(part, REGION_COLUMNS, uri, self.storage)
+                except StorageError:
+                    pass  # the rows stand without their regions table; counts say how many
         if len(permanent):
             uri = join(failures_dir(self.out_uri), part_name(permanent["image_id"]))
             try:
