@@ -414,6 +414,10 @@ class ScoreConfig:
     num_cpus_per_actor: float | None = None
     """CPU reserved by each scoring actor; ``None``: 1 on CPU-only clusters,
     0.5 beside a GPU."""
+    actor_start_timeout_s: float = 600.0
+    """How long a run waits for its first ``min_actors`` scoring actors (model
+    loaded, probe image scored) before it starts handing out work; a pool that
+    cannot start in this time is an error naming what each actor asks for."""
     max_tasks_in_flight_per_actor: int = 2
     """Batches queued at each actor, so the next batch is already there when
     one finishes (2 hides the hand-over; more only holds memory)."""
@@ -629,6 +633,7 @@ class LotscanConfig:
              "score.min_actors", "must be in [1, score.num_actors] (or null)"),
             (self.score.num_cpus_per_actor is None or self.score.num_cpus_per_actor > 0,
              "score.num_cpus_per_actor", "must be > 0 (or null)"),
+            (self.score.actor_start_timeout_s > 0, "score.actor_start_timeout_s", "must be > 0"),
             (self.score.max_tasks_in_flight_per_actor >= 1, "score.max_tasks_in_flight_per_actor",
              "must be >= 1"),
             (self.score.fanout is False or self.score.fanout in ("off", "auto") or (

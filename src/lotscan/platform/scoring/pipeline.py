@@ -135,24 +135,31 @@ def _window(batch, index: int, count: int):
     return batch[keys == index]
 
 
-def build_pipeline(todo: ray.data.Dataset, cfg: LotscanConfig, model_uri: str,
+def build_pipeline(todo: ray.data.Dataset, n_images: int, cfg: LotscanConfig, model_uri: str,
                    overrides: dict[str, Any], sink: Sink, per_chunk: int,
                    num_units: int) -> ray.data.Dataset:
     """The lazy dataset of per-batch counts for ``todo`` (one execution)."""
     gpus, actor_cpus = _actor_resources(cfg, per_chunk < num_units)
     host = {"model_uri": model_uri, "overrides": overrides}
+    chunks = math.ceil(num_units / per_chunk)
+    # Batches are what the pool hands out: with few rows, smaller batches keep
+    # every actor busy (at least two batches per actor when the rows allow).
+    batch = max(1, min(cfg.score.batch_size,
+                       math.ceil(n_images * chunks / (2 * cfg.score.num_actors))))
     ds = todo.map_batches(DecodeBatch(cfg.storage, cfg.data), batch_size=cfg.score.decode_batch_size,
                           batch_format="numpy", num_cpus=cfg.score.decode_num_cpus)
-    if per_chunk >= num_units:
-        ds = ds.map_batches(ScoreImages, fn_constructor_kwargs=host, batch_size=cfg.score.batch_size,
+    if chunks == 1:
+        ds = ds.repartition(target_num_rows_per_block=batch)
+        ds = ds.map_batches(ScoreImages, fn_constructor_kwargs=host, batch_size=batch,
                             batch_format="numpy", compute=_pool(cfg), num_gpus=gpus,
                             num_cpus=actor_cpus)
     else:
         ds = ds.map_batches(expand_chunks, fn_kwargs={"per_chunk": per_chunk, "num_units": num_units},
                             batch_format="numpy", num_cpus=0.25)
-        ds = ds.map_batches(ComputePartials, fn_constructor_kwargs=host,
-                            batch_size=cfg.score.batch_size, batch_format="numpy",
-                            compute=_pool(cfg), num_gpus=gpus, num_cpus=actor_cpus)
+        ds = ds.repartition(target_num_rows_per_block=batch)
+        ds = ds.map_batches(ComputePartials, fn_constructor_kwargs=host, batch_size=batch,
+                            batch_format="numpy", compute=_pool(cfg), num_gpus=gpus,
+                            num_cpus=actor_cpus)
         # A few partitions: each is one reduce task's share of the window's images.
         partitions = max(1, min(int(ray.cluster_resources().get("CPU", 1)), 16))
         ds = ds.groupby("image_id", num_partitions=partitions).map_groups(
@@ -192,9 +199,13 @@ def score_lots(
     """
     overrides = overrides or {}
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
     bundle = open_bundle(model_uri, storage_config(overrides), overrides=overrides)
     cfg = bundle.config
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Start every scoring actor (model loaded, probe scored) before handing out
+    # work: a broken model fails here at once, and the first batches spread.
+    context.wait_for_min_actors_s = int(cfg.score.actor_start_timeout_s)
     storage = cfg.storage
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     started = time.time()
@@ -246,8 +257,8 @@ def score_lots(
                 for w in range(windows):
                     part = todo if windows == 1 else todo.map_batches(
                         _window, fn_kwargs={"index": w, "count": windows}, batch_format="pandas")
-                    _run(build_pipeline(part, cfg, model_uri, overrides, sink, per_chunk, num_units),
-                         totals, progress, cfg)
+                    _run(build_pipeline(part, math.ceil(n_todo / windows), cfg, model_uri, overrides,
+                                        sink, per_chunk, num_units), totals, progress, cfg)
                     lease.check()
                 progress.close()
                 if retry_failed and old_failures:
@@ -257,6 +268,13 @@ def score_lots(
             summary = write_summary(out_uri, bundle, model_uri, [input_uri], log,
                                     rebuild=wrote > 0)
     except Exception as err:
+        if isinstance(err, ray.exceptions.GetTimeoutError) and "starting actors" in str(err):
+            gpus, cpus = _actor_resources(cfg, False)
+            raise ScoringError(
+                f"could not start {cfg.score.min_actors or cfg.score.num_actors} scoring actor(s) "
+                f"in {cfg.score.actor_start_timeout_s:.0f}s, each asking for {cpus} CPU and "
+                f"{gpus} GPU: the cluster lacks the resources (cluster: "
+                f"{ray.cluster_resources()})") from err
         cause = unwrap(err)
         if isinstance(cause, ModelFault):
             raise ScoringError(f"{cause}. {totals.counts['scored']} images scored in this run "

@@ -1,6 +1,10 @@
 """Summarise as a job step: Ray tasks aggregate the rows and draw the report's
 cards; the driver merges the aggregates and writes ``summary.json`` and
-``report.html``. A run that wrote nothing keeps them as they are."""
+``report.html``. A run that wrote nothing keeps them as they are.
+
+The row files are handed to plain Ray tasks, ``FILES_PER_TASK`` each (a Ray
+Data execution costs seconds of fixed overhead per step, which a small lot
+would feel; tasks over groups of files scale the same way)."""
 
 from __future__ import annotations
 
@@ -31,31 +35,42 @@ RESULT_READ = ["image_id", "uri", "lot_id", "category", "defect_type", "label", 
 FAILURE_READ = ["image_id", "uri", "lot_id", "category", "error", "retryable"]
 
 
-def _block_stats(batch: pd.DataFrame, template: str, kind: str) -> pd.DataFrame:
+FILES_PER_TASK = 64
+
+
+def _frame(files: list[str], columns: list[str], storage) -> pd.DataFrame:
+    import io
+
+    import pyarrow.parquet as pq
+
+    frames = []
+    for uri in files:
+        table = pq.read_table(io.BytesIO(st.read_bytes(uri, storage)))
+        frames.append(table.select([c for c in columns if c in table.column_names]).to_pandas())
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _stats_task(files: list[str], kind: str, template: str, storage) -> str:
     stats = Stats.from_json(template)
-    if kind == "results":
-        stats.add_results(batch)
-    else:
-        stats.add_failures(batch)
-    return pd.DataFrame({"stats": [stats.to_json()]})
+    frame = _frame(files, RESULT_READ if kind == "results" else FAILURE_READ, storage)
+    (stats.add_results if kind == "results" else stats.add_failures)(frame)
+    return stats.to_json()
 
 
-def _read(files: list[str], columns: list[str], storage) -> ray.data.Dataset:
-    fs, _ = st.pyarrow_filesystem(files[0], storage)
-    paths = [st.pyarrow_filesystem(f, storage)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, partitioning=None)
+def _groups(files: list[str]) -> list[list[str]]:
+    return [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
 
 
-def _aggregate(merged: Stats, files: list[str], columns: list[str], kind: str, storage) -> Stats:
-    if not files:
-        return merged
+def _aggregate(merged: Stats, result_files: list[str], failure_files: list[str], storage) -> Stats:
+    """Merge the stats of every group of result and failure files, computed by Ray tasks."""
     template = Stats(**{**merged.__dict__, "groups": {}, "failures": {}, "histogram": {},
                         "flagged": [], "near": [], "n_flagged": 0, "n_near": 0}).to_json()
-    blocks = _read(files, columns, storage).map_batches(
-        _block_stats, fn_kwargs={"template": template, "kind": kind}, batch_format="pandas",
-        batch_size=None)
-    for row in blocks.iter_rows():
-        merged.merge(Stats.from_json(row["stats"]))
+    task = ray.remote(_stats_task).options(num_cpus=0.5)
+    pending = [task.remote(g, "results", template, storage) for g in _groups(result_files)]
+    pending += [task.remote(g, "failures", template, storage) for g in _groups(failure_files)]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        merged.merge(Stats.from_json(ray.get(done[0])))
     return merged
 
 
@@ -73,9 +88,7 @@ def build_summary(out_uri: str, bundle: Bundle, model_uri: str, input_uris: list
     stats = Stats(threshold=threshold, report_edges=rp.histogram_edges([threshold]),
                   drift_edges=edges, max_flagged=cfg.score.report_max_flagged)
     stats = _aggregate(stats, st.list_files(results_dir(out_uri), storage, suffixes=(".parquet",)),
-                       RESULT_READ, "results", storage)
-    stats = _aggregate(stats, st.list_files(failures_dir(out_uri), storage, suffixes=(".parquet",)),
-                       FAILURE_READ, "failures", storage)
+                       st.list_files(failures_dir(out_uri), storage, suffixes=(".parquet",)), storage)
     model = {"method": cfg.method, "model_id": bundle.model_id, "model_uri": model_uri,
              "threshold": threshold, "normal_fpr": float(calibration.normal_fpr),
              "calibration_images": int(calibration.num_images),
@@ -85,8 +98,9 @@ def build_summary(out_uri: str, bundle: Bundle, model_uri: str, input_uris: list
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _keep_ids(batch: pd.DataFrame, ids: frozenset[str]) -> pd.DataFrame:
-    return batch[batch["image_id"].isin(ids)]
+def _regions_task(files: list[str], ids: frozenset[str], storage) -> list[dict[str, Any]]:
+    frame = _frame(files, REGION_COLUMNS, storage)
+    return frame[frame["image_id"].isin(ids)].to_dict("records")
 
 
 def attach_regions(summary: dict[str, Any], out_uri: str, storage) -> None:
@@ -97,8 +111,9 @@ def attach_regions(summary: dict[str, Any], out_uri: str, storage) -> None:
     if not rows or not files:
         return
     ids = frozenset(r["image_id"] for r in rows)
-    found = _read(files, REGION_COLUMNS, storage).map_batches(
-        _keep_ids, fn_kwargs={"ids": ids}, batch_format="pandas").take_all()
+    task = ray.remote(_regions_task).options(num_cpus=0.5)
+    found = [r for part in ray.get([task.remote(g, ids, storage) for g in _groups(files)])
+             for r in part]
     by_image: dict[str, list[dict[str, Any]]] = {}
     for region in sorted(found, key=lambda r: (r["image_id"], r["region_id"])):
         by_image.setdefault(region["image_id"], []).append(
@@ -134,12 +149,11 @@ def cards(summary: dict[str, Any], bundle: Bundle, limit: int) -> dict[str, dict
         return {}
     cfg = bundle.config
     region = getattr(bundle.calibration, "region_threshold", None)
-    ds = ray.data.from_items(rows).map_batches(
-        _cards_batch, fn_kwargs={"cfg_storage": cfg.storage, "data_cfg": cfg.data,
-                                 "region_threshold": region},
-        batch_format="pandas", batch_size=16)
+    task = ray.remote(_cards_batch).options(num_cpus=0.5)
+    frames = ray.get([task.remote(pd.DataFrame(rows[i:i + 16]), cfg.storage, cfg.data, region)
+                      for i in range(0, len(rows), 16)])
     return {r["image_id"]: {"image_png": r["image_png"], "overlay_png": r["overlay_png"]}
-            for r in ds.iter_rows()}
+            for frame in frames for r in frame.to_dict("records")}
 
 
 def write_summary(out_uri: str, bundle: Bundle, model_uri: str, input_uris: list[str],
