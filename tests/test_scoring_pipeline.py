@@ -82,4 +82,5 @@ def test_fan_out_on_a_local_ray_gives_the_maps_of_in_actor_scoring(dta_bundle, r
                                    read_heatmap(a.loc[image_id, "heatmap_uri"], StorageConfig()),
                                    rtol=1e-4, atol=1e-5)
     assert (a["decision"] == b["decision"]).all()
-    assert b["scored_by"].str.contains(",").any(), "no image had units on two actors"
+    # Which actor takes which chunk depends on timing here; tests/test_multinode.py
+    # shows one image's units on two actors of two nodes.

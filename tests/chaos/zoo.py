@@ -40,7 +40,7 @@ def zoo(max_bytes: int) -> list[tuple[str, bytes, str]]:
     rgb = _rgb()
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90
-    grey16 = Image.fromarray(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60, "I;16")
+    grey16 = Image.fromarray((np.arange(32 * 32, dtype=np.uint16) * 60).reshape(32, 32))
     frames = [_rgb(seed=s) for s in range(3)]
     png = _save(rgb, "PNG")
     return [
@@ -63,6 +63,6 @@ def zoo(max_bytes: int) -> list[tuple[str, bytes, str]]:
         ("bomb.png", _png_header(50000, 50000), "failed"),
         ("huge.png", png + b"\x00" * (max_bytes + 1), "failed"),
         ("animated.gif", _save(frames[0], "GIF", save_all=True, append_images=frames[1:]), "failed"),
-        ("float.tiff", _save(Image.fromarray(np.ones((8, 8), np.float32), "F"), "TIFF"), "failed"),
+        ("float.tiff", _save(Image.fromarray(np.ones((8, 8), np.float32)), "TIFF"), "failed"),
         ("html.png", b"<html><body>404 Not Found</body></html>", "failed"),
     ]

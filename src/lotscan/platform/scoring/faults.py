@@ -42,4 +42,10 @@ def unwrap(err: BaseException) -> BaseException:
             current = cause
             continue
         current = current.__cause__ or current.__context__
+    # An actor whose constructor raised reaches us as ActorDiedError, which
+    # keeps the cause's text only.
+    marker = "ModelFault: "
+    text = str(err)
+    if marker in text:
+        return ModelFault(text.split(marker, 1)[1].strip().splitlines()[0])
     return err
