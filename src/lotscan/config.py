@@ -376,12 +376,37 @@ class ServeConfig:
     retry_after_s: int = 1
     """Seconds in the Retry-After header of a 503."""
     ingress_replicas: int = 1
+    """HTTP ingress replicas when ingress autoscaling is off."""
+    ingress_autoscaling: bool = False
+    """Scale ingress replicas between ingress_min_replicas and ingress_max_replicas
+    on the requests each holds (decode is CPU work in the ingress: large images at
+    high rates need more replicas than the model does)."""
+    ingress_min_replicas: int = 1
+    """At least 1: the ingress answers /healthz and /readyz, so it never scales to zero."""
+    ingress_max_replicas: int = 4
+    ingress_target_ongoing_requests: float = 32.0
+    """Ingress autoscaling target of requests per replica. Chosen default: an
+    ingress request mostly waits for the model, so about the model's
+    max_ongoing_requests per ingress replica keeps decode threads busy without
+    holding many bodies."""
     ingress_num_cpus: float = 0.25
     """CPU of each HTTP ingress replica (auth, body checks, image decode)."""
     ingress_max_ongoing_requests: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest request body; larger is 413. ``data.max_image_bytes`` and
     ``data.max_image_pixels`` apply too."""
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    """Request body bytes one ingress replica holds at once (bodies being read
+    or decoded); a request that would go over gets 503 ``overloaded`` with
+    Retry-After at once. Chosen default: 16 bodies of the 16 MiB limit, a
+    quarter of a 1 GiB ingress pod. At least max_request_bytes."""
+    max_form_fields: int = 8
+    """Non-file fields a multipart body may have besides its one file part;
+    more is 400."""
+    max_form_field_bytes: int = 64 * 1024
+    """Largest non-file multipart field; larger is 400. (The file part is
+    bounded by the body limit; part headers by python-multipart: 8 lines of at
+    most 4224 bytes.)"""
     request_timeout_s: float = 30.0
     """A request not scored in this time gets 504."""
     health_probe_interval_s: float = 60.0
@@ -504,6 +529,15 @@ class LotscanConfig:
              "serve.max_queued_requests", "must be >= 1, or -1 for no limit"),
             (self.serve.retry_after_s >= 0, "serve.retry_after_s", "must be >= 0"),
             (self.serve.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
+            (1 <= self.serve.ingress_min_replicas <= self.serve.ingress_max_replicas,
+             "serve.ingress_min_replicas/ingress_max_replicas",
+             "need 1 <= ingress_min_replicas <= ingress_max_replicas"),
+            (self.serve.ingress_target_ongoing_requests > 0, "serve.ingress_target_ongoing_requests",
+             "must be > 0"),
+            (self.serve.max_buffered_bytes >= self.serve.max_request_bytes, "serve.max_buffered_bytes",
+             "must be >= serve.max_request_bytes"),
+            (self.serve.max_form_fields >= 0, "serve.max_form_fields", "must be >= 0"),
+            (self.serve.max_form_field_bytes >= 1, "serve.max_form_field_bytes", "must be >= 1"),
             (self.serve.ingress_num_cpus >= 0, "serve.ingress_num_cpus", "must be >= 0"),
             (self.serve.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be >= 1"),
             (self.serve.max_request_bytes >= 1, "serve.max_request_bytes", "must be >= 1"),
