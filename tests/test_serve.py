@@ -263,6 +263,66 @@ def test_breaker_and_unavailable_errors():
     assert breaker.open_since is None and breaker.admit() and breaker.admit()
 
 
+def test_breaker_releases_calls_waiting_for_a_lost_replica():
+    from lotscan.platform.serve.ingress import ModelLost
+
+    async def scenario() -> dict:
+        breaker = ModelBreaker()
+        loop = asyncio.get_running_loop()
+        out = {}
+        # waiting when the replica is lost, nothing succeeds: ModelLost after lost_wait
+        stuck = loop.create_future()
+        waiter = asyncio.ensure_future(breaker.wait(stuck, breaker.opened, 30.0, 0.2))
+        await asyncio.sleep(0.05)
+        breaker.lost_model()
+        started = loop.time()
+        with pytest.raises(ModelLost):
+            await waiter
+        out["released_after"] = loop.time() - started
+        out["stuck_cancelled"] = stuck.cancelled()
+        # a call started while open (the trial) is not woken by that opening
+        trial = loop.create_future()
+        trial_wait = asyncio.ensure_future(breaker.wait(trial, breaker.opened, 30.0, 0.2))
+        await asyncio.sleep(0.3)
+        assert not trial_wait.done()
+        trial.set_result("scored")
+        out["trial"] = await trial_wait
+        breaker.succeeded()
+        # waiting when lost, but a success comes within lost_wait: it waits on, answered
+        slow = loop.create_future()
+        slow_wait = asyncio.ensure_future(breaker.wait(slow, breaker.opened, 30.0, 0.5))
+        await asyncio.sleep(0.05)
+        breaker.lost_model()
+        await asyncio.sleep(0.1)
+        breaker.succeeded()
+        await asyncio.sleep(0.6)  # past lost_wait: not released, the breaker closed again
+        assert not slow_wait.done()
+        slow.set_result("late but fine")
+        out["slow"] = await slow_wait
+        with pytest.raises(asyncio.TimeoutError):
+            await breaker.wait(loop.create_future(), breaker.opened, 0.1, 0.1)
+        # waiting in this ingress's queue while another found the death: the
+        # controller's "no model replica running" (asked every lost_wait) releases it
+        asks = []
+
+        async def model_gone() -> bool:
+            asks.append(loop.time())
+            return len(asks) >= 3
+
+        queued = loop.create_future()
+        started = loop.time()
+        with pytest.raises(ModelLost):
+            await breaker.wait(queued, breaker.opened, 30.0, 0.1, model_gone)
+        out["gone_after"] = loop.time() - started
+        out["open_after_gone"] = breaker.open_since is not None
+        return out
+
+    out = asyncio.run(scenario())
+    assert 0.15 <= out["released_after"] < 5.0 and out["stuck_cancelled"]
+    assert out["trial"] == "scored" and out["slow"] == "late but fine"
+    assert 0.25 <= out["gone_after"] < 5.0 and out["open_after_gone"]
+
+
 def run_asgi(app, scope: dict | None = None) -> list[dict]:
     """Call an ASGI app once; return the messages it sent."""
     sent: list[dict] = []
@@ -374,6 +434,18 @@ def test_serve_config_validation_and_bundle_rules(tmp_path, demo_root):
         bundle_manifest(str(tmp_path / "missing"), {})
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
+
+
+def test_the_serve_config_file_is_a_valid_lotscan_config():
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "infra" / "serve" / "serve-config.yaml"
+    app = yaml.safe_load(path.read_text())["applications"][0]
+    assert app["import_path"] == "lotscan.platform.serving:app_builder"
+    assert set(app["args"]) <= {"model", "config", "overrides"}
+    cfg = load_config(base=app["args"]["overrides"])  # names any unknown or invalid field
+    assert cfg.serve.ingress_autoscaling and cfg.serve.ingress_min_replicas >= 2
+    assert cfg.serve.require_auth
 
 
 def test_check_health_fails_when_the_model_cannot_score(tmp_path, demo_root):

@@ -409,6 +409,22 @@ class ServeConfig:
     most 4224 bytes.)"""
     request_timeout_s: float = 30.0
     """A request not scored in this time gets 504."""
+    proxy_request_timeout_s: float = 60.0
+    """Where ``lotscan serve`` starts Serve: its HTTP proxy gives up on a request
+    after this (a JSON 408 ``timeout``), the last bound on a request stuck outside
+    the app (e.g. on a replica that is dying). With ``serve deploy`` the Serve
+    config's ``http_options.request_timeout_s`` sets it. At least request_timeout_s."""
+    replica_lost_wait_s: float = 2.0
+    """After a model call finds its replica dead, how long the calls already
+    waiting may still be answered (by another replica) before they get 503
+    ``not_ready``; also how often a call waiting that long asks the Serve
+    controller (cached 1 s) whether any model replica is still running.
+    Chosen default: a few batches on a GPU, far less than a replacement
+    replica takes to start and load the bundle."""
+    health_check_period_s: float = 2.0
+    """Serve's health check period of both deployments: how soon a dead
+    replica is noticed and replaced (Serve's default is 10 s). A check is a
+    cheap call unless the idle probe below is due."""
     health_probe_interval_s: float = 60.0
     """Serve health checks score a probe image when the model has not scored
     for this long, or after a failed call: a replica that cannot score is
@@ -542,6 +558,10 @@ class LotscanConfig:
             (self.serve.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be >= 1"),
             (self.serve.max_request_bytes >= 1, "serve.max_request_bytes", "must be >= 1"),
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
+            (self.serve.proxy_request_timeout_s >= self.serve.request_timeout_s,
+             "serve.proxy_request_timeout_s", "must be >= serve.request_timeout_s"),
+            (self.serve.replica_lost_wait_s > 0, "serve.replica_lost_wait_s", "must be > 0"),
+            (self.serve.health_check_period_s > 0, "serve.health_check_period_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
         checks += self._diffad_checks() + self._drdc_checks()

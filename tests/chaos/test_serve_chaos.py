@@ -269,7 +269,7 @@ def test_bad_request_zoo_never_5xx(chaos):
 
 def test_saturation_is_503_with_retry_after_then_answers(chaos):
     url = f"{chaos['url']}/v1/score"
-    results = asyncio.run(hammer(url, chaos["bodies"], clients=64, seconds=8))
+    results = asyncio.run(hammer(url, chaos["bodies"], clients=64, seconds=6))
     counts = check_answers(results, {"overloaded"})
     assert counts.get(200, 0) > 0 and counts.get(503, 0) > 0, counts
     r = httpx.post(url, content=chaos["bodies"][0], headers={"Content-Type": "image/png"},
@@ -310,7 +310,7 @@ def test_ingress_replica_killed_under_load(chaos):
         killed["name"] = kill_replica("LotscanIngress")
         killed["at"] = time.monotonic()
 
-    results = asyncio.run(hammer(url, chaos["bodies"], clients=12, seconds=8,
+    results = asyncio.run(hammer(url, chaos["bodies"], clients=12, seconds=6,
                                  during=kill_after_a_while))
     assert "at" in killed
     # The proxy's answer for requests on the dead ingress: JSON 503 `unavailable`.

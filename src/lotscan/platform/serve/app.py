@@ -91,6 +91,7 @@ def build(model_uri: str, overrides: dict[str, Any] | None = None,
         gpus = 1.0 if ray.is_initialized() and cluster_has_gpus() else 0.0
     backpressure = {"status_code": 503, "retry_after_s": float(s.retry_after_s)}
     model = LotscanModel.options(
+        health_check_period_s=s.health_check_period_s,
         ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
@@ -99,6 +100,7 @@ def build(model_uri: str, overrides: dict[str, Any] | None = None,
                    s.target_ongoing_requests),
     ).bind(model_uri, overrides, vars(s), gpus > 0)
     ingress = LotscanIngress.options(
+        health_check_period_s=s.health_check_period_s,
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
         max_ongoing_requests=s.ingress_max_ongoing_requests,
         # Last resort when the ingress itself is saturated: Serve's proxy answers
@@ -164,6 +166,7 @@ def start_app(model_uri: str, overrides: dict[str, Any] | None = None, name: str
         f"(wait {s.batch_wait_timeout_s * 1000:g} ms); "
         f"{_replicas(s.ingress_autoscaling, s.ingress_replicas, s.ingress_min_replicas, s.ingress_max_replicas)} "
         f"ingress replica(s); auth {built.auth}")
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port,
+                              "request_timeout_s": s.proxy_request_timeout_s})
     serve.run(built.app, name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{s.host}:{s.port}{route_prefix.rstrip('/')}"

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -179,18 +180,30 @@ def model_unavailable(err: BaseException) -> bool:
     return False
 
 
+class ModelLost(Exception):
+    """A call was waiting when another call lost the model replica, and no call
+    succeeded within ``serve.replica_lost_wait_s``."""
+
+
 class ModelBreaker:
     """After a model call fails because its replica died, let one request at a
     time through to the model (the trial) and answer the others 503 at once,
-    until a trial succeeds. Without it, requests arriving before Serve notices
-    the death and replaces the replica wait in the handle's queue for up to
-    ``serve.request_timeout_s``; with it, they get 503 ``not_ready`` with
-    ``Retry-After`` and retry. With other healthy replicas the first trial is
-    answered at once and the breaker closes."""
+    until a call succeeds. Calls already waiting when the replica was lost get
+    ``serve.replica_lost_wait_s`` more to be answered (by another replica) or
+    for a call to succeed; then they too get 503. Without this, requests
+    queued for a dead replica wait until Serve has noticed the death and
+    started and loaded a replacement, up to ``serve.request_timeout_s``.
+    With other healthy replicas the first trial is answered at once and the
+    breaker closes. All calls come from the replica's event loop."""
 
     def __init__(self) -> None:
         self.open_since: float | None = None
         self.trial_in_flight = False
+        self.opened = asyncio.Event()
+        """Set when the breaker opens; a call keeps the event current when it
+        started, so only the calls already waiting are woken."""
+        self.closed = asyncio.Event()
+        self.closed.set()
 
     def admit(self) -> bool:
         """True: go to the model (normally, or as the trial); False: answer 503."""
@@ -204,15 +217,68 @@ class ModelBreaker:
     def succeeded(self) -> None:
         self.open_since = None
         self.trial_in_flight = False
+        self.closed.set()
 
     def lost_model(self) -> None:
+        self.trial_in_flight = False
         if self.open_since is None:
             self.open_since = time.monotonic()
-        self.trial_in_flight = False
+            self.closed.clear()
+            opened, self.opened = self.opened, asyncio.Event()
+            opened.set()
 
     def finished_other(self) -> None:
         """A call that neither succeeded nor lost the model (timeout, back-pressure)."""
         self.trial_in_flight = False
+
+    async def wait(self, response: Any, opened: asyncio.Event, timeout: float,
+                   lost_wait: float,
+                   model_gone: Callable[[], Awaitable[bool]] | None = None) -> Any:
+        """The result of ``response`` (a Serve response), within ``timeout``
+        (``asyncio.TimeoutError``). :class:`ModelLost` when the breaker opened
+        (``opened``: the event current when the call started) and neither an
+        answer nor a success came within ``lost_wait``; or when, after each
+        ``lost_wait`` of waiting, ``model_gone()`` says no model replica is
+        running (another ingress replica's calls found the death, not this one's:
+        this one's calls only wait in the handle's queue), which opens the breaker."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        task = asyncio.ensure_future(response)
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                step = remaining if model_gone is None else min(remaining, lost_wait)
+                signal = asyncio.ensure_future(opened.wait())
+                done, _ = await asyncio.wait({task, signal}, timeout=step,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                signal.cancel()
+                if task in done:
+                    return task.result()
+                if signal not in done:  # a step of waiting went by
+                    if model_gone is not None and await model_gone():
+                        self.lost_model()
+                        raise ModelLost
+                    continue
+                healthy = asyncio.ensure_future(self.closed.wait())
+                done, _ = await asyncio.wait(
+                    {task, healthy}, timeout=max(0.0, min(lost_wait, deadline - loop.time())),
+                    return_when=asyncio.FIRST_COMPLETED)
+                healthy.cancel()
+                if task in done:
+                    return task.result()
+                if healthy not in done:
+                    if loop.time() >= deadline:
+                        raise asyncio.TimeoutError
+                    raise ModelLost
+                opened = self.opened  # closed again: wait on, woken by the next opening
+        finally:
+            if not task.done():
+                task.cancel()
+                cancel = getattr(response, "cancel", None)
+                if cancel is not None:
+                    cancel()
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT)
@@ -237,7 +303,7 @@ class LotscanIngress:
         # One decode thread per ingress replica: off the event loop, and Pillow's
         # warning filters (decode_image uses catch_warnings) are process-global.
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lotscan-decode")
-        self._ready: tuple[float, int, str] | None = None
+        self._ready: tuple[float, int | None, str] | None = None
         self._ready_lock = asyncio.Lock()
         try:
             self.app_name = serve.get_replica_context().app_name
@@ -259,14 +325,20 @@ class LotscanIngress:
         if not self.breaker.admit():
             raise ApiError(503, "not_ready", "the model replica was lost and is being replaced; "
                                              "retry later", self.retry)
+        opened = self.breaker.opened
         response = getattr(self.model, method).remote(*args)
+        s = self.serve_cfg
         try:
-            result = await asyncio.wait_for(response, timeout=self.serve_cfg.request_timeout_s)
+            result = await self.breaker.wait(response, opened, s.request_timeout_s,
+                                             s.replica_lost_wait_s, self._model_gone)
         except asyncio.TimeoutError as err:
             self.breaker.finished_other()
-            response.cancel()
-            raise ApiError(504, "timeout", f"not answered within {self.serve_cfg.request_timeout_s} s "
+            raise ApiError(504, "timeout", f"not answered within {s.request_timeout_s} s "
                                            f"(serve.request_timeout_s)") from err
+        except ModelLost as err:
+            self.breaker.finished_other()
+            raise ApiError(503, "not_ready", "the model replica was lost while this request "
+                                             "waited; retry later", self.retry) from err
         except BackPressureError as err:
             self.breaker.finished_other()
             raise ApiError(503, "overloaded", "too many requests are waiting for the model; retry "
@@ -284,16 +356,26 @@ class LotscanIngress:
         self.breaker.succeeded()
         return result
 
-    async def _running_model_replicas(self) -> tuple[int, str]:
-        """(model replicas RUNNING, reason when 0) from the Serve controller,
-        cached for READY_CACHE_S. A RUNNING replica has loaded the bundle and
-        scored the probe image in its constructor."""
+    async def _model_gone(self) -> bool:
+        """The controller says no model replica is running (and none is meant to
+        be absent: with ``min_replicas: 0`` a request waits for a scale-up)."""
+        if self.serve_cfg.autoscaling and self.serve_cfg.min_replicas == 0:
+            return False
+        running, _ = await self._running_model_replicas()
+        return running == 0
+
+    async def _running_model_replicas(self) -> tuple[int | None, str]:
+        """(model replicas RUNNING or ``None`` when unknown, reason when not
+        ready) from the Serve controller, cached for READY_CACHE_S. A RUNNING
+        replica has loaded the bundle and scored the probe image in its
+        constructor."""
         now = time.monotonic()
         if self._ready and now - self._ready[0] < READY_CACHE_S:
             return self._ready[1], self._ready[2]
         async with self._ready_lock:
             if self._ready and time.monotonic() - self._ready[0] < READY_CACHE_S:
                 return self._ready[1], self._ready[2]
+            running: int | None
             try:
                 status = await asyncio.wait_for(asyncio.to_thread(serve.status),
                                                 timeout=READY_TIMEOUT_S)
@@ -306,8 +388,8 @@ class LotscanIngress:
                     reason = "" if running else (
                         f"no {MODEL_DEPLOYMENT} replica is running (deployment "
                         f"{deployment.status}: {deployment.message or 'starting'})")
-            except Exception as err:  # controller unreachable or slow
-                running, reason = 0, f"the Serve controller did not answer ({type(err).__name__})"
+            except Exception as err:  # controller unreachable or slow: unknown, not zero
+                running, reason = None, f"the Serve controller did not answer ({type(err).__name__})"
             self._ready = (time.monotonic(), running, reason[:300])
             return running, reason
 

@@ -35,7 +35,9 @@ class _Item:
     started: bool = False
 
 
-@serve.deployment(name=MODEL_DEPLOYMENT, health_check_period_s=10.0, health_check_timeout_s=60.0)
+# The health check period comes from serve.health_check_period_s (app.build); the
+# timeout covers a probe scored on a CPU.
+@serve.deployment(name=MODEL_DEPLOYMENT, health_check_timeout_s=60.0)
 class LotscanModel:
     """Holds one bundle and scores batches of decoded images with the batch job's scorer.
 
