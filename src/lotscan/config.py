@@ -462,14 +462,55 @@ class ServeConfig:
     retry_after_s: int = 1
     """Seconds in the Retry-After header of a 503."""
     ingress_replicas: int = 1
+    """HTTP ingress replicas when ingress autoscaling is off."""
+    ingress_autoscaling: bool = False
+    """Scale ingress replicas between ingress_min_replicas and ingress_max_replicas
+    on the requests each holds (decode is CPU work in the ingress: large images at
+    high rates need more replicas than the model does)."""
+    ingress_min_replicas: int = 1
+    """At least 1: the ingress answers /healthz and /readyz, so it never scales to zero."""
+    ingress_max_replicas: int = 4
+    ingress_target_ongoing_requests: float = 32.0
+    """Ingress autoscaling target of requests per replica. Chosen default: an
+    ingress request mostly waits for the model, so about the model's
+    max_ongoing_requests per ingress replica keeps decode threads busy without
+    holding many bodies."""
     ingress_num_cpus: float = 0.25
     """CPU of each HTTP ingress replica (auth, body checks, image decode)."""
     ingress_max_ongoing_requests: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest request body; larger is 413. ``data.max_image_bytes`` and
     ``data.max_image_pixels`` apply too."""
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    """Request body bytes one ingress replica holds at once (bodies being read
+    or decoded); a request that would go over gets 503 ``overloaded`` with
+    Retry-After at once. Chosen default: 16 bodies of the 16 MiB limit, a
+    quarter of a 1 GiB ingress pod. At least max_request_bytes."""
+    max_form_fields: int = 8
+    """Non-file fields a multipart body may have besides its one file part;
+    more is 400."""
+    max_form_field_bytes: int = 64 * 1024
+    """Largest non-file multipart field; larger is 400. (The file part is
+    bounded by the body limit; part headers by python-multipart: 8 lines of at
+    most 4224 bytes.)"""
     request_timeout_s: float = 30.0
     """A request not scored in this time gets 504."""
+    proxy_request_timeout_s: float = 60.0
+    """Where ``lotscan serve`` starts Serve: its HTTP proxy gives up on a request
+    after this (a JSON 408 ``timeout``), the last bound on a request stuck outside
+    the app (e.g. on a replica that is dying). With ``serve deploy`` the Serve
+    config's ``http_options.request_timeout_s`` sets it. At least request_timeout_s."""
+    replica_lost_wait_s: float = 2.0
+    """After a model call finds its replica dead, how long the calls already
+    waiting may still be answered (by another replica) before they get 503
+    ``not_ready``; also how often a call waiting that long asks the Serve
+    controller (cached 1 s) whether any model replica is still running.
+    Chosen default: a few batches on a GPU, far less than a replacement
+    replica takes to start and load the bundle."""
+    health_check_period_s: float = 2.0
+    """Serve's health check period of both deployments: how soon a dead
+    replica is noticed and replaced (Serve's default is 10 s). A check is a
+    cheap call unless the idle probe below is due."""
     health_probe_interval_s: float = 60.0
     """Serve health checks score a probe image when the model has not scored
     for this long, or after a failed call: a replica that cannot score is
@@ -594,10 +635,23 @@ class LotscanConfig:
              "serve.max_queued_requests", "must be >= 1, or -1 for no limit"),
             (self.serve.retry_after_s >= 0, "serve.retry_after_s", "must be >= 0"),
             (self.serve.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
+            (1 <= self.serve.ingress_min_replicas <= self.serve.ingress_max_replicas,
+             "serve.ingress_min_replicas/ingress_max_replicas",
+             "need 1 <= ingress_min_replicas <= ingress_max_replicas"),
+            (self.serve.ingress_target_ongoing_requests > 0, "serve.ingress_target_ongoing_requests",
+             "must be > 0"),
+            (self.serve.max_buffered_bytes >= self.serve.max_request_bytes, "serve.max_buffered_bytes",
+             "must be >= serve.max_request_bytes"),
+            (self.serve.max_form_fields >= 0, "serve.max_form_fields", "must be >= 0"),
+            (self.serve.max_form_field_bytes >= 1, "serve.max_form_field_bytes", "must be >= 1"),
             (self.serve.ingress_num_cpus >= 0, "serve.ingress_num_cpus", "must be >= 0"),
             (self.serve.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be >= 1"),
             (self.serve.max_request_bytes >= 1, "serve.max_request_bytes", "must be >= 1"),
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
+            (self.serve.proxy_request_timeout_s >= self.serve.request_timeout_s,
+             "serve.proxy_request_timeout_s", "must be >= serve.request_timeout_s"),
+            (self.serve.replica_lost_wait_s > 0, "serve.replica_lost_wait_s", "must be > 0"),
+            (self.serve.health_check_period_s > 0, "serve.health_check_period_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
         checks += self._beta_checks() + self._diffad_checks() + self._drdc_checks()
