@@ -57,6 +57,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from lotscan.platform.demo_data import exact_defect
+
 STRUCTURAL = ("warp", "shift", "rotate", "missing", "doubled")
 SURFACE = ("scratch", "crack", "stain", "pit")
 SPLITS = {
@@ -79,7 +81,6 @@ MIN_DEFECT = 32
 MAX_DEFECT_FRACTION = 0.25
 MAX_ATTEMPTS = 50
 SURFACE_VERSION = "0.1.0"
-_STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 
 
 class BuildError(ValueError):
@@ -327,51 +328,7 @@ def surface(kind: str, clean_rgb: np.ndarray, rng: np.random.Generator, scale: f
 
 
 # --------------------------------------------------------------------------- exact masks
-
-
-def _pad_close(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 2)
-    return ndimage.binary_closing(padded, structure=_STRUCTURE_8)[2:-2, 2:-2]
-
-
-def _fill_small_holes(mask: np.ndarray, max_hole: int) -> np.ndarray:
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    labels, n = ndimage.label(holes, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]]))
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    small = sizes <= max_hole
-    small[0] = False
-    return mask | small[labels]
-
-
-def _drop_specks(mask: np.ndarray, min_size: int) -> np.ndarray:
-    labels, n = ndimage.label(mask, structure=_STRUCTURE_8)
-    if n == 0:
-        return mask
-    keep = np.bincount(labels.ravel()) >= min_size
-    keep[0] = False
-    return keep[labels]
-
-
-def exact_defect(clean: np.ndarray, defective: np.ndarray, threshold: int = CHANGE_THRESHOLD,
-                 scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(image, mask) from a defect-free and a defective uint8 RGB crop.
-
-    mask = pixels changed by more than ``threshold`` (largest channel), 3x3
-    closing, holes up to MAX_HOLE filled, specks under MIN_SPECK dropped, and
-    inside the filled region of pixels that changed at all; image = the
-    defective crop inside the mask, the clean crop outside (bit-identical).
-    """
-    if clean.shape != defective.shape or clean.dtype != np.uint8 or defective.dtype != np.uint8:
-        raise BuildError("clean and defective crops must be uint8 arrays of one shape")
-    change = np.abs(defective.astype(np.int16) - clean.astype(np.int16)).max(axis=2)
-    mask = _pad_close(change > threshold)
-    mask = _fill_small_holes(mask, max(1, int(round(MAX_HOLE * scale**2))))
-    mask = _drop_specks(mask, MIN_SPECK)
-    mask &= ndimage.binary_fill_holes(change > 0)
-    image = np.where(mask[:, :, None], defective, clean)
-    return image, mask
+# lotscan.platform.demo_data.exact_defect: the one rule of the demo's warp and of this set.
 
 
 def _to_uint8(grey: np.ndarray) -> np.ndarray:
@@ -402,7 +359,9 @@ def make_defect(kind: str, clean_grey: np.ndarray, seed: int, key: tuple, size: 
                 defective, params = surface(kind, clean_rgb, rng, scale)
         except _Redraw:
             continue
-        image, mask = exact_defect(clean_rgb, defective, threshold, scale)
+        image, mask = exact_defect(clean_rgb, defective, threshold,
+                                   max_hole=max(1, int(round(MAX_HOLE * scale**2))),
+                                   min_speck=MIN_SPECK)
         if min_pixels <= mask.sum() <= MAX_DEFECT_FRACTION * mask.size:
             return image, mask, {**params, "attempt": attempt, "mask_pixels": int(mask.sum())}
     raise BuildError(f"{kind}: no defect within the size bounds in {MAX_ATTEMPTS} attempts "
