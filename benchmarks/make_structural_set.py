@@ -456,8 +456,45 @@ def build(out: str, split: str = "holdout", seed: int = 0, n_train: int = 200, n
     with open(os.path.join(out, "structural.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(_readme(manifest, kinds))
+        f.write(_readme(manifest, kinds) + "\n" + mask_table(out) + "\n")
     return manifest
+
+
+def mask_table(root: str) -> str:
+    """Markdown statistics of a written set's masks, measured from its files
+    against crops re-cut from the photographs (structural.json's positions)."""
+    with open(os.path.join(root, "structural.json")) as f:
+        manifest = json.load(f)
+    size, threshold = manifest["size"], manifest["change_threshold"]
+    photos: dict[str, np.ndarray] = {}
+    stats: dict[tuple[str, str], list[tuple[float, float, float, int, int]]] = {}
+    for rel, info in sorted(manifest["images"].items()):
+        cat, _, kind, name = rel.split("/")
+        if kind == "good":
+            continue
+        photo = photos.setdefault(cat, photograph(cat))
+        y, x = info["crop"]
+        clean = photo[y:y + size, x:x + size]
+        with Image.open(os.path.join(root, rel)) as img:
+            image = np.asarray(img).astype(np.int16)
+        with Image.open(os.path.join(root, cat, "ground_truth", kind,
+                                     name.replace(".png", "_mask.png"))) as img:
+            mask = np.asarray(img) > 0
+        change = np.abs(image - clean[:, :, None].astype(np.int16)).max(axis=2)
+        regions = ndimage.label(mask, structure=np.ones((3, 3)))[1]
+        stats.setdefault((cat, kind), []).append(
+            (100 * mask.mean(), (change[mask] > threshold).mean(), (change[mask] > 0).mean(),
+             regions, info["attempt"]))
+    lines = ["| category | kind | mask area % (median, min-max) | mask px changed > "
+             f"{threshold} | changed at all | regions/image | redraws |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    order = {k: i for i, k in enumerate(STRUCTURAL + SURFACE)}
+    for (cat, kind), rows in sorted(stats.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+        v = np.array(rows, dtype=np.float64)
+        lines.append(f"| {cat} | {kind} | {np.median(v[:, 0]):.1f} ({v[:, 0].min():.1f}-"
+                     f"{v[:, 0].max():.1f}) | {v[:, 1].mean():.2f} | {v[:, 2].mean():.2f} | "
+                     f"{v[:, 3].mean():.1f} | {int(v[:, 4].sum())} |")
+    return "\n".join(lines)
 
 
 def _readme(manifest: dict, kinds: tuple[str, ...]) -> str:
@@ -528,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as err:
         print(f"make_structural_set: {err}", file=sys.stderr)
         return 2
+    print(mask_table(args.out))
     print(f"written: {os.path.abspath(args.out)}")
     return 0
 

@@ -97,6 +97,7 @@ def test_structural_masks_are_exact(mss, structural):
     assert len(glob.glob(os.path.join(root, "gravel", "train", "good", "*.png"))) == 3
     readme = open(os.path.join(root, "README.md")).read()
     assert "gravel" in readme and "exact" in readme
+    assert "| gravel | warp |" in readme  # the mask statistics table
 
 
 def test_structural_defects_move_the_texture_not_its_colours(mss, structural):
