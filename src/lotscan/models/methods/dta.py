@@ -111,25 +111,26 @@ class DTAMethod(DenoiserMethod):
             cache[key] = self.level_timesteps()[list(levels)].to(device)
         return cache[key]
 
-    def _draws(self, seeds: Sequence[int], levels: Sequence[int], stream: int,
-               like: torch.Tensor) -> torch.Tensor:
-        """Gaussian draws (B, L, C, H, W) for ``levels``: with ``dta.shared_noise``
-        one draw from ``stream`` for all levels (expanded, not copied), else
-        stream ``stream + k`` for level k."""
+    def _draws(self, seeds: Sequence[int], levels: Sequence[int], stream: int, like: torch.Tensor,
+               signs: bool = False) -> torch.Tensor:
+        """Gaussian draws (B, L, C, H, W) for ``levels`` (their signs, +-1, with
+        ``signs``): with ``dta.shared_noise`` one draw from ``stream`` for all
+        levels (expanded, not copied), else stream ``stream + k`` for level k."""
         b, c, h, w = like.shape
-        if self.cfg.dta.shared_noise:
-            one = unit_noise(seeds, stream, (c, h, w), like.device, like.dtype)
-            return one.unsqueeze(1).expand(b, len(levels), c, h, w)
-        return torch.stack([unit_noise(seeds, stream + int(k), (c, h, w), like.device, like.dtype)
-                            for k in levels], dim=1)
 
-    def _probes(self, seeds: Sequence[int], levels: Sequence[int], like: torch.Tensor) -> list[torch.Tensor]:
-        """``dta.uncertainty_probes`` Rademacher probes (B, L, C, H, W): the signs of
-        :func:`unit_noise` draws of the streams of :data:`PROBE_STREAM`."""
-        cfg = self.cfg.dta
-        stride = 1 if cfg.shared_noise else self.num_units()
-        return [torch.where(self._draws(seeds, levels, PROBE_STREAM + p * stride, like) < 0, -1.0, 1.0)
-                .to(like.dtype) for p in range(cfg.uncertainty_probes)]
+        def draw(s: int) -> torch.Tensor:
+            x = unit_noise(seeds, s, (c, h, w), like.device, like.dtype)
+            return torch.where(x < 0, -1.0, 1.0).to(like.dtype) if signs else x
+
+        if self.cfg.dta.shared_noise:
+            return draw(stream).unsqueeze(1).expand(b, len(levels), c, h, w)
+        return torch.stack([draw(stream + int(k)) for k in levels], dim=1)
+
+    def _probe(self, seeds: Sequence[int], levels: Sequence[int], p: int, like: torch.Tensor) -> torch.Tensor:
+        """Rademacher probe ``p`` (B, L, C, H, W): the signs of a :func:`unit_noise`
+        draw from the streams of :data:`PROBE_STREAM`."""
+        stride = 1 if self.cfg.dta.shared_noise else self.num_units()
+        return self._draws(seeds, levels, PROBE_STREAM + p * stride, like, signs=True)
 
     def _sweep(self, images: torch.Tensor, seeds: Sequence[int], levels: Sequence[int],
                with_uncertainty: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,14 +158,13 @@ class DTAMethod(DenoiserMethod):
                 (grad,) = torch.autograd.grad(pred.sum(), x_beta)
                 u = grad.abs()
             elif cfg.uncertainty == "jacobian_diagonal":
-                probes = self._probes(seeds, levels, images)
+                probes = cfg.uncertainty_probes
                 u = torch.zeros_like(x_beta)
-                for i, v in enumerate(probes):
-                    v = v.reshape(b * n, c, h, w)
-                    (vjp,) = torch.autograd.grad(pred, x_beta, grad_outputs=v,
-                                                 retain_graph=i < len(probes) - 1)
+                for p in range(probes):  # one backward pass each, the forward graph kept
+                    v = self._probe(seeds, levels, p, images).reshape(b * n, c, h, w)
+                    (vjp,) = torch.autograd.grad(pred, x_beta, grad_outputs=v, retain_graph=p < probes - 1)
                     u = u + v * vjp
-                u = u / len(probes)
+                u = u / probes
             else:
                 raise ValueError(f"unknown dta.uncertainty {cfg.uncertainty!r} "
                                  "(use jacobian_diagonal or column_sum)")
