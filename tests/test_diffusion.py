@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import torch
 from diffusers import DDPMScheduler
@@ -32,6 +33,9 @@ def test_schedule_table_is_built_once_per_device_and_dtype():
     first = schedule.table("cpu", torch.float32)
     assert schedule.table(torch.device("cpu"), torch.float32) is first
     assert schedule.table("cpu", torch.float64) is not first
+    schedule.table("meta", torch.float32)
+    copy = pickle.loads(pickle.dumps(schedule))  # the device cache does not travel
+    assert copy._tables == {} and torch.equal(copy.table("cpu", torch.float32), first)
     ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double()
     t = torch.tensor([-1, 0, 150, 999])
     a = schedule.alpha_bar(t, torch.zeros(4, 3, 2, 2, dtype=torch.float64)).flatten()

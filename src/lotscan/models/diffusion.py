@@ -35,6 +35,10 @@ class NoiseSchedule:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        # Device tables are a cache: a pickled schedule must load where that device is absent.
+        return {**self.__dict__, "_tables": {}}
+
     @classmethod
     def from_config(cls, cfg: DenoiserConfig) -> NoiseSchedule:
         return cls(cfg.num_train_timesteps, cfg.beta_schedule)
