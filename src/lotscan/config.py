@@ -132,7 +132,8 @@ class ReconConfig:
 
 @dataclass
 class DTAConfig:
-    """Diffusion Trend Analysis (Kim et al., Fig. 3)."""
+    """Diffusion Trend Analysis (Kim et al., Fig. 3). What each field changes is
+    described in :mod:`lotscan.models.methods.dta` and docs/methods-dta.md."""
 
     num_levels: int = 9
     """K: noise levels swept after the clean level 0 (the sequence has K+1 entries).
@@ -140,18 +141,40 @@ class DTAConfig:
     exactly orthogonal to the trend coefficient; with an odd K+1 it leaks into it
     at about its own amplitude (see tests/test_dta.py)."""
     max_noise_level: int = 150
-    """Largest timestep of the sweep; levels are evenly spaced in (0, max]."""
+    """Largest timestep of the sweep (the paper's beta_max, as a DDPM timestep)."""
+    level_spacing: str = "noise"
+    """How levels 1..K fill (0, max_noise_level]: ``noise`` (default) evenly in
+    noise size sigma_t = sqrt((1 - abar_t) / abar_t), each at the timestep of
+    nearest sigma, as Fig. 3's "Gaussian noise image proportional to beta" for
+    beta stepped from 0 to beta_max reads; ``timestep`` evenly in t (lotscan
+    before). They differ by at most 0.022 in sigma_k / sigma_K at t_max 150, 0.153
+    at t_max 400."""
     x0_prediction: str = "tweedie"
     """``tweedie`` (one model call per level) or ``ddim`` (a short DDIM
     reconstruction per level, as the paper's DDIM baseline does)."""
     ddim_steps: int = 3
     shared_noise: bool = True
-    """One noise draw per image shared by every level, so that only the level
-    changes along the sweep (chosen; the paper does not say)."""
+    """One noise draw per image shared by every level (and one set of
+    uncertainty probes), so that only the level changes along the sweep
+    (chosen; the paper does not say)."""
+    uncertainty: str = "jacobian_diagonal"
+    """How the Jacobian J = d x0* / d x_beta (the paper's coordinates,
+    x_beta = x0 + n_beta) becomes one uncertainty per pixel and channel:
+    ``jacobian_diagonal`` (default), J's diagonal, "the change in the output over
+    each pixel change in the input" (the paper), by Tweedie's second-order
+    identity the pixel's posterior variance over sigma^2, estimated without bias
+    with ``uncertainty_probes`` Rademacher probes; or ``column_sum``,
+    ``|d sum(x0*) / d x_beta|`` (lotscan before, then w.r.t. x_t), which is 1
+    everywhere for any smoothing denoiser whose weights sum to 1."""
+    uncertainty_probes: int = 1
+    """Hutchinson probes for ``jacobian_diagonal``, one backward pass each.
+    Default 1: the same cost as ``column_sum``; the estimator noise is reduced
+    by the channel mean and the map smoothing (its size on a Wiener-filter model
+    of texbench brick: benchmarks/dta_hutchinson_noise.py, docs/methods-dta.md)."""
     uncertainty_weight: float = 1.0
     """Exponent w in ``trend_x' * trend_u' ** w``: 0 is the paper's variant (A),
-    intensity trend only; 1 is variant (B), the plain product. The paper reports
-    AP rising with the uncertainty weight."""
+    intensity trend only (no gradient is computed); 1 is variant (B), the plain
+    product. The paper reports AP rising with the uncertainty weight."""
     fourier_index: int = 1
     """Which DFT coefficient measures the trend; the paper's "2nd component" is
     index 1 (index 0 is the DC term)."""
@@ -596,6 +619,10 @@ class LotscanConfig:
             (self.dta.x0_prediction in ("ddim", "tweedie"), "dta.x0_prediction", "must be ddim or tweedie"),
             (self.dta.ddim_steps >= 1, "dta.ddim_steps", "must be >= 1"),
             (self.dta.uncertainty_weight >= 0, "dta.uncertainty_weight", "must be >= 0"),
+            (self.dta.level_spacing in ("noise", "timestep"), "dta.level_spacing", "must be noise or timestep"),
+            (self.dta.uncertainty in ("jacobian_diagonal", "column_sum"), "dta.uncertainty",
+             "must be jacobian_diagonal or column_sum"),
+            (self.dta.uncertainty_probes >= 1, "dta.uncertainty_probes", "must be >= 1"),
             (
                 1 <= self.dta.fourier_index <= self.dta.num_levels // 2,
                 "dta.fourier_index",
