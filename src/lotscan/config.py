@@ -692,16 +692,6 @@ class LotscanConfig:
                     "drdc.inpainter": self.drdc.inpainter}
         checks = [(0.0 < d.beta_start < d.beta_end < 1.0, f"{key}.beta_start/beta_end",
                    "need 0 < beta_start < beta_end < 1") for key, d in sections.items()]
-        # Only DiffAD's schedule reads the beta range so far (diffad/networks.py:
-        # noise_schedule); NoiseSchedule.from_config passes only beta_schedule.
-        # Refuse other values rather than ignore them, until it reads them too.
-        default = DenoiserConfig()
-        for key in ("denoiser", "drdc.inpainter"):
-            d = sections[key]
-            checks.append(((d.beta_start, d.beta_end) == (default.beta_start, default.beta_end),
-                           f"{key}.beta_start/beta_end",
-                           f"only the defaults {default.beta_start}..{default.beta_end} are supported here "
-                           "so far (only diffad.latent_denoiser reads a beta range)"))
         return checks
 
     def _diffad_checks(self) -> list[tuple[bool, str, str]]:

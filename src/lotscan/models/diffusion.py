@@ -29,8 +29,10 @@ class NoiseSchedule:
     synchronisation (pass timesteps on the device: a CPU ``t`` with a GPU
     ``like`` costs a copy per call)."""
 
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear"):
-        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                 beta_start: float = 1e-4, beta_end: float = 0.02):
+        scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                                  beta_start=beta_start, beta_end=beta_end)
         self.num_train_timesteps = num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -41,7 +43,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: DenoiserConfig) -> NoiseSchedule:
-        return cls(cfg.num_train_timesteps, cfg.beta_schedule)
+        return cls(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
 
     def table(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """``[1, alpha_bar_0, ..., alpha_bar_{T-1}]`` on ``device`` in ``dtype``
