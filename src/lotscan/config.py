@@ -26,6 +26,9 @@ from typing import Any
 import yaml
 
 METHODS = ("recon", "dta", "diffad", "drdc")
+DIFFAD_ANOMALY_KINDS = ("texture", "warp", "patch", "blur")
+"""The kinds of DiffAD's synthetic anomalies (``diffad.anomaly_kinds``); each is
+implemented in ``lotscan.models.methods.diffad.anomaly``."""
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -290,6 +293,76 @@ class DiffADConfig:
     [0, max_opacity), so the texture weighs (1 - max_opacity, 1], i.e.
     (0.2, 1] with DRAEM's 0.8. (The name is kept so stored configs load; it
     bounds the image's weight, not the texture's.)"""
+    anomaly_kinds: list[str] = field(default_factory=lambda: ["texture"])
+    """What the synthetic anomalies are, one kind drawn per anomalous sample
+    (``anomaly_kind_weights``): ``texture`` (DRAEM's texture blended into a
+    Perlin mask, the paper's recipe: colour and surface changes), or a
+    structural change of the image's own pattern inside a blob
+    (``anomaly_structural_mask``), its colours kept: ``warp`` (a smooth
+    displacement field, fading to 0 at the mask's border), ``patch`` (a shifted
+    and sometimes rotated copy of another part of the same image, feathered in)
+    or ``blur`` (the pattern smoothed away, like a missing element). A
+    structural sample's mask is only the pixels it changed by more than
+    ``anomaly_change_threshold``. Chosen ``[texture]``, the paper's; a mix such as
+    ``[texture, warp, patch]`` teaches the segmenter structural defects (that it
+    does not cost the surface defects is to be measured; docs/methods-diffad-drdc.md).
+    The structural ``anomaly_*`` fields below enter the latent denoiser's and the
+    segmenter's stage fingerprints only where a structural kind is used, so
+    texture-only checkpoints trained before they existed stay reusable."""
+    anomaly_kind_weights: list[float] = field(default_factory=list)
+    """Relative probability of each entry of ``anomaly_kinds`` (same length, >= 0,
+    not all 0); empty: all kinds equally likely."""
+    anomaly_structural_mask: str = "blob"
+    """Where a structural kind edits: ``blob`` (a perturbed ellipse of mean radius
+    drawn in ``anomaly_blob_radius_px``, the structural-defect set's shape) or
+    ``perlin`` (the ``texture`` kind's Perlin masks). Chosen ``blob``: measured on
+    texbench-dev's brick at 64 px, Perlin masks are often slivers a few pixels
+    wide, inside which a faded warp changes almost nothing (docs/methods-diffad-drdc.md)."""
+    anomaly_blob_radius_px: list[float] = field(default_factory=lambda: [4.0, 12.0])
+    """[low, high]: a blob's mean radius in pixels, drawn uniformly. Chosen 4-12
+    at 64 px: the structural-defect set's regions are 3.5-16 px at 64 px."""
+    anomaly_warp_px: list[float] = field(default_factory=lambda: [1.5, 4.0])
+    """[low, high]: the largest displacement of a ``warp``, in pixels at
+    ``data.image_size``, drawn uniformly per sample. Chosen for 64 px: the
+    structural-defect set's warps are 3-6 px at 128 px, i.e. 1.5-3 px at 64, and
+    the range reaches a little further; scale it with the image size."""
+    anomaly_warp_sigma_px: float = 4.0
+    """Smoothness of a ``warp``'s displacement field: white noise blurred by a
+    Gaussian of this sigma (pixels). Chosen 4 at 64 px: the structural set's
+    sigma (disc radius / 2.5) is 6.4-12.8 px at 128 px, 3.2-6.4 at 64."""
+    anomaly_patch_shift_px: list[float] = field(default_factory=lambda: [2.0, 16.0])
+    """[low, high]: how far (pixels, uniformly, in a uniform direction) the copy a
+    ``patch`` pastes comes from. Chosen 2-16 at 64 px: from a misaligned pattern
+    (the structural set's shift, 1.5-4 px at 64) to a doubled element one blob
+    beside itself."""
+    anomaly_patch_rotation_probability: float = 0.5
+    """Share of ``patch`` samples whose copy is also rotated about the mask's
+    centroid by an angle in ``anomaly_patch_angle_deg`` (either sense). Chosen
+    0.5: half shifted, half shifted and rotated."""
+    anomaly_patch_angle_deg: list[float] = field(default_factory=lambda: [30.0, 150.0])
+    """[low, high] of that rotation's magnitude in degrees (the structural set's
+    ``rotate``: 30-150)."""
+    anomaly_blur_sigma_px: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    """[low, high]: Gaussian sigma (pixels) of a ``blur`` sample. Chosen 1-3 at
+    64 px: enough to smooth away a pattern element of a few pixels."""
+    anomaly_feather_px: float = 2.0
+    """Sigma (pixels) of the fade at the mask's border of every structural kind:
+    the warp's displacement and the paste's and blur's opacity rise from 0 at the
+    border over about two sigmas, so the edit has no seam. Chosen 2 at 64 px."""
+    anomaly_change_threshold: float = 10.0
+    """A structural sample's mask holds the pixels (of its blob or Perlin mask) whose
+    largest channel change exceeds this many grey levels of 255; every other
+    pixel is reset to the normal image, so no pixel is labelled anomalous that is
+    not visibly changed, and none is changed that is not labelled. 10: the
+    structural-defect set's rule (about a sub-pixel resampling's change, well
+    under a texture's edge contrast). The ``texture`` kind keeps DRAEM's mask."""
+    structural_condition: bool = True
+    """Whether the latent denoiser's training condition ``c = E(x_a)`` also shows
+    the structural kinds of ``anomaly_kinds`` (as the segmenter's ``x_a`` does);
+    ``false``: only the ``texture`` kind there, so a segmenter with structural
+    kinds can be trained (``--stages segmenter``) on a latent denoiser trained
+    texture-only. Chosen ``true``: one recipe for both stages, as in the paper,
+    where both see the same synthetic anomalies."""
 
 
 @dataclass
@@ -734,6 +807,39 @@ class LotscanConfig:
             (0.0 <= d.max_opacity <= 1.0, "diffad.max_opacity", "must be in [0, 1]"),
             (0.0 <= d.normal_rotation_probability <= 1.0, "diffad.normal_rotation_probability",
              "must be in [0, 1]"),
+        ] + self._anomaly_kind_checks()
+
+    def _anomaly_kind_checks(self) -> list[tuple[bool, str, str]]:
+        d = self.diffad
+        weights = d.anomaly_kind_weights
+
+        def span(values: list[float], high: float = float("inf")) -> bool:
+            return len(values) == 2 and 0.0 <= values[0] <= values[1] <= high
+
+        return [
+            (len(d.anomaly_kinds) >= 1 and set(d.anomaly_kinds) <= set(DIFFAD_ANOMALY_KINDS)
+             and len(set(d.anomaly_kinds)) == len(d.anomaly_kinds), "diffad.anomaly_kinds",
+             f"must be distinct entries of {', '.join(DIFFAD_ANOMALY_KINDS)}"),
+            (not weights or (len(weights) == len(d.anomaly_kinds) and min(weights) >= 0
+                             and sum(weights) > 0), "diffad.anomaly_kind_weights",
+             "must be empty or one weight >= 0 per entry of diffad.anomaly_kinds, not all 0"),
+            (d.anomaly_structural_mask in ("blob", "perlin"), "diffad.anomaly_structural_mask",
+             "must be blob or perlin"),
+            (span(d.anomaly_blob_radius_px) and d.anomaly_blob_radius_px[1] > 0
+             and 2 * d.anomaly_blob_radius_px[0] < self.data.image_size, "diffad.anomaly_blob_radius_px",
+             "must be [low, high] with 0 <= low <= high, high > 0 and 2 * low < data.image_size"),
+            (span(d.anomaly_warp_px), "diffad.anomaly_warp_px", "must be [low, high] with 0 <= low <= high"),
+            (d.anomaly_warp_sigma_px > 0, "diffad.anomaly_warp_sigma_px", "must be > 0"),
+            (span(d.anomaly_patch_shift_px), "diffad.anomaly_patch_shift_px",
+             "must be [low, high] with 0 <= low <= high"),
+            (0.0 <= d.anomaly_patch_rotation_probability <= 1.0,
+             "diffad.anomaly_patch_rotation_probability", "must be in [0, 1]"),
+            (span(d.anomaly_patch_angle_deg, 180.0), "diffad.anomaly_patch_angle_deg",
+             "must be [low, high] with 0 <= low <= high <= 180"),
+            (span(d.anomaly_blur_sigma_px) and d.anomaly_blur_sigma_px[1] > 0, "diffad.anomaly_blur_sigma_px",
+             "must be [low, high] with 0 <= low <= high, high > 0"),
+            (d.anomaly_feather_px >= 0, "diffad.anomaly_feather_px", "must be >= 0"),
+            (0 <= d.anomaly_change_threshold < 255, "diffad.anomaly_change_threshold", "must be in [0, 255)"),
         ]
 
     def _drdc_checks(self) -> list[tuple[bool, str, str]]:

@@ -47,9 +47,11 @@ from lotscan.config import LotscanConfig
 from lotscan.models.diffusion import NoiseSchedule, ddim_x0
 from lotscan.models.method import AnomalyMethod, unit_noise
 from lotscan.models.methods.diffad.anomaly import (
+    STRUCTURAL_CONFIG_FIELDS,
     AnomalySynthesizer,
     SynthesizerSettings,
     rotate_normal_images,
+    structural_in_use,
 )
 from lotscan.models.methods.diffad.loss import focal_loss
 from lotscan.models.methods.diffad.networks import (
@@ -175,6 +177,11 @@ class DiffADMethod(AnomalyMethod):
             keys += [k for k in d if k.startswith(("segmenter_", "anomaly_", "perlin_")) and k not in keys]
         else:
             raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
+        # The structural kinds' fields only where they act, so texture-only fingerprints are
+        # unchanged (diffad.structural_condition acts through structural_in_use alone).
+        keys = [k for k in keys if k not in STRUCTURAL_CONFIG_FIELDS]
+        if structural_in_use(self.cfg.diffad, stage):
+            keys += STRUCTURAL_CONFIG_FIELDS
         return {k: d[k] for k in sorted(keys)}
 
     def training_resource_uris(self) -> dict[str, str]:
@@ -232,7 +239,7 @@ class DiffADMethod(AnomalyMethod):
         d = self.cfg.diffad
         den: LatentDenoiser = getattr(net, "module", net)
         ae = self.networks["autoencoder"]
-        synthetic = self.synthesizer(images, generator)
+        synthetic = self.synthesizer(images, generator, structural=d.structural_condition)
         n = images.shape[0]
         with torch.no_grad():
             latents = ae.encode(torch.cat([images, synthetic.x_a])).latent_dist.mean
