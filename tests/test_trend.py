@@ -343,6 +343,15 @@ def test_diffad_uncertainty_is_the_jacobian_diagonal_in_the_noised_latent_coordi
             assert u[0, 0, ch, i, j].item() == pytest.approx(v[0, ch, i, j].item() * fd, rel=1e-4, abs=1e-7)
 
 
+def test_a_trend_bundle_still_refuses_a_latent_denoiser_of_another_schedule():
+    # As load_bundle does: build from the config, then load the weights (whose
+    # beta_range buffer says what they were trained with), then score.
+    method = diffad_method()
+    method.latent_denoiser.beta_range.copy_(torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    with pytest.raises(ValueError, match="latent denoiser was trained with 0.0001..0.02"):
+        method.partial(images(1), [1], [1])
+
+
 def test_diffad_trend_maps_are_mean_filtered_by_dtas_default():
     method = diffad_method({"uncertainty_weight": 0.0})
     partial = method.partial(images(1), [3], range(method.num_units()))

@@ -159,10 +159,12 @@ class DiffADMethod(AnomalyMethod):
         self.synthesizer = AnomalySynthesizer(SynthesizerSettings.from_config(cfg.diffad))
         self.segmenter_cache = SampleCache(cfg.diffad.segmenter_cache_size)
         if cfg.diffad.scoring == "trend":
-            # Fixed when the method is built (as its networks are); the sweep is
-            # checked now, so a bad one fails before any work.
+            # Fixed when the method is built (as its networks are). The sweep is
+            # checked now, so a bad one fails before any work, on a schedule of
+            # its own: ``self.schedule`` must wait for the trained weights (it
+            # checks the beta range they carry).
             self.default_smoothing_kernel = TREND_SMOOTHING_KERNEL
-            self.trend_timesteps()
+            level_timesteps(noise_schedule(cfg.diffad.latent_denoiser), cfg.diffad.trend, "diffad.trend")
 
     @property
     def signal_names(self) -> tuple[str, ...]:  # type: ignore[override]
