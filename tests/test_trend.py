@@ -177,15 +177,20 @@ def test_a_monotone_reconstruction_has_a_large_trend_and_a_flicker_a_small_one()
     # Pixel 0 moves by 0.5 in one direction over the levels; pixel 1 flickers by
     # +-1 (four times the drift's size) about a constant; pixel 2 is constant but
     # far from 0. K + 1 = 10 levels: the flicker is orthogonal to coefficient 1.
+    # Pixel 3 differs from its reconstructions only at entry 0, by 0.7 (an error of
+    # the first entry, e.g. an autoencoder's): the trend is that step, in full.
     length = 10
     k = torch.arange(length, dtype=torch.float64)
-    seq = torch.zeros(1, length, 1, 1, 3, dtype=torch.float64)
+    seq = torch.zeros(1, length, 1, 1, 4, dtype=torch.float64)
     seq[0, :, 0, 0, 0] = 0.5 * k / (length - 1)
     seq[0, :, 0, 0, 1] = 0.3 + (-1.0) ** k
     seq[0, :, 0, 0, 2] = 0.8
+    seq[0, :, 0, 0, 3] = 0.2
+    seq[0, 0, 0, 0, 3] = 0.9
     mag = trend_magnitude(trend_partial(FourierTrend(length, 1), seq, range(length), "x"), "x")[0, 0]
     assert mag[0] == pytest.approx(0.5 / 9 * length / (2 * math.sin(math.pi / length)), rel=1e-12)
     assert mag[1] < 1e-12 and mag[2] < 1e-12
+    assert mag[3] == pytest.approx(0.7, rel=1e-12)
 
 
 # ---------------------------------------------------------- Jacobian diagonal

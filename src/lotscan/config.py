@@ -274,7 +274,9 @@ class DiffADConfig:
     t_max 450 (sigma 2.26 on the unit-variance latents, where DTA's default
     sigma_max 0.52 is 2.3-2.8 times texbench's pixel standard deviation), 5
     DDIM steps per level (the official 10 from t = 999 at the same stride
-    would be 4.5), entry 0 the decoded input, uncertainty on (variant B)."""
+    would be 4.5), entry 0 the decoded input, uncertainty on (variant B, the
+    paper's full method; on CPU 1.8x the intensity-only cost, 6.2x the
+    segmenter's, benchmarks/trend_cost.py)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent_denoiser: DenoiserConfig = field(
         default_factory=lambda: DenoiserConfig(
@@ -407,8 +409,9 @@ class DRDCConfig:
     noise size around the paper's best single start (200-250; below about
     100 the unknown cells stay noise), under ``train_max_timestep``; K = 5 and
     5 DDIM steps per start: 50 UNet calls per image with P = 2, 2.5x the
-    fusion default; intensity only (uncertainty_weight 0: a backward pass
-    through every start's DDIM chain would triple that, see
+    fusion default (2.2x its time on CPU); intensity only (uncertainty_weight 0:
+    the backward pass through every start's DDIM chain costs 2.5x the
+    intensity again, 5.5x the fusion; benchmarks/trend_cost.py,
     docs/methods-trend.md)."""
     backbone: str = "tf_efficientnet_lite0"
     """A timm model name, built with ``features_only`` (the paper: EfficientNet-b4)."""
