@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lotscan.platform.demo_data import DEFECT_KINDS, make_demo_dataset
+from lotscan.platform.demo_data import (
+    DEFECT_KINDS,
+    MIN_DEFECT_FRACTION,
+    WARP_CHANGE_THRESHOLD,
+    demo_warp,
+    exact_defect,
+    make_demo_dataset,
+)
 
 
 def _load(path: str) -> np.ndarray:
@@ -92,3 +99,73 @@ def test_returns_absolute_root_and_rejects_unknown(tmp_path, monkeypatch):
     assert _pngs(root, "speckle", "test", "blob") == []
     with pytest.raises(ValueError, match="unknown demo categories.*weave, speckle"):
         make_demo_dataset(str(tmp_path / "x"), categories=("wool",))
+
+
+# --------------------------------------------------------------------- structural: warp
+
+
+def test_exact_defect_hand_case():
+    clean = np.full((20, 20, 3), 100, dtype=np.uint8)
+    defective = clean.copy()
+    defective[2:8, 2:8] = 160  # a 6x6 defect, changed by 60
+    defective[4, 4] = 100  # one unchanged pixel inside it: an enclosed hole, filled
+    defective[15, 15] = 200  # a 1-px speck: reset, not a defect
+    defective[10:13, 10:18, 1] = 105  # changed by 5 <= threshold: reset
+    defective[0, 12:20] = 150  # a line on the border: the closing must not erode it
+    image, mask = exact_defect(clean, defective, threshold=10)
+    expected = np.zeros((20, 20), dtype=bool)
+    expected[2:8, 2:8] = True
+    expected[0, 12:20] = True
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_array_equal(image[~mask], clean[~mask])
+    np.testing.assert_array_equal(image[mask], defective[mask])
+    assert image[4, 4, 0] == 100 and image[15, 15, 0] == 100
+    with pytest.raises(ValueError, match="uint8"):
+        exact_defect(clean, defective.astype(float), threshold=10)
+
+
+@pytest.fixture(scope="module")
+def warp_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warp") / "data"
+    return make_demo_dataset(str(root), image_size=64, n_train=1, n_test_good=1,
+                             n_test_defect=2, seed=0, n_test_structural=4)
+
+
+@pytest.mark.parametrize("category", ["weave", "speckle"])
+def test_warp_masks_are_exact(warp_root, category):
+    images = _pngs(warp_root, category, "test", "warp")
+    assert len(images) == 4
+    for i, path in enumerate(images):
+        clean, warped, mask = demo_warp(category, i, seed=0, image_size=64)
+        image = _load(path)
+        written = _load(path.replace("/test/", "/ground_truth/").replace(".png", "_mask.png")) > 0
+        np.testing.assert_array_equal(image, warped)
+        np.testing.assert_array_equal(written, mask)
+        assert mask.mean() >= MIN_DEFECT_FRACTION
+        change = np.abs(image.astype(int) - clean.astype(int)).max(axis=2)
+        assert (change[~mask] == 0).all(), path  # nothing changed outside the mask
+        assert (change[mask] > 0).mean() >= 0.8, path
+        assert (change[mask] > WARP_CHANGE_THRESHOLD).mean() >= 0.5, path
+        # structural: the geometry moves, no new colour appears (cubic resampling
+        # of speckle may overshoot its range by a few levels)
+        lo, hi = clean.reshape(-1, 3).min(axis=0), clean.reshape(-1, 3).max(axis=0)
+        assert (image[mask] >= lo - 8).all() and (image[mask] <= hi + 8).all(), path
+
+
+def test_structural_kind_leaves_the_other_kinds_unchanged(tmp_path):
+    kwargs = dict(categories=("weave",), image_size=32, n_train=2, n_test_good=1,
+                  n_test_defect=3, seed=5)
+    plain = make_demo_dataset(str(tmp_path / "plain"), **kwargs)
+    with_warp = make_demo_dataset(str(tmp_path / "warp"), n_test_structural=2, **kwargs)
+    before, after = _snapshot(plain), _snapshot(with_warp)
+    assert not any("warp" in k for k in before)
+    assert sorted(k for k in after if "warp" in k) == [
+        "weave/ground_truth/warp/000_mask.png", "weave/ground_truth/warp/001_mask.png",
+        "weave/test/warp/000.png", "weave/test/warp/001.png"]
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    again = _snapshot(make_demo_dataset(str(tmp_path / "again"), n_test_structural=2, **kwargs))
+    other = make_demo_dataset(str(tmp_path / "other"), n_test_structural=2,
+                              **{**kwargs, "seed": 6})
+    assert all(np.array_equal(after[k], again[k]) for k in after)
+    assert not np.array_equal(after["weave/test/warp/000.png"],
+                              _load(os.path.join(other, "weave", "test", "warp", "000.png")))

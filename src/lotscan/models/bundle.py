@@ -161,7 +161,7 @@ def bundle_files(bundle: Bundle) -> dict[str, bytes]:
         }
     cfg = bundle.method.cfg
     if bundle.calibration is not None:
-        _check_calibration(bundle.calibration.to_dict(), type(bundle.method).signal_names,
+        _check_calibration(bundle.calibration.to_dict(), bundle.method.signal_names,
                            "new bundle")
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -294,7 +294,8 @@ def read_manifest(raw: bytes, where: str) -> dict[str, Any]:
             raise bad(f"network {name}: {name}.safetensors has no valid sha256 checksum "
                       f"(required: 64 lowercase hex digits)")
     if manifest.get("calibration") is not None:
-        _check_calibration(manifest["calibration"], METHODS[method].signal_names, where)
+        _check_calibration(manifest["calibration"], METHODS[method].signal_names_for(manifest["config"]),
+                           where)
     stored = manifest["model_id"]
     actual = content_model_id(manifest)
     if stored != actual:

@@ -9,6 +9,7 @@ thresholds are shared and live in :mod:`lotscan.models.scoring`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -17,21 +18,25 @@ import torch
 from torch import nn
 
 from lotscan.config import LotscanConfig
+from lotscan.models.noise import counter_normal, stream_keys
 from lotscan.models.reduction import Partial
 
 
 def unit_noise(
-    seeds: Sequence[int], stream: int, shape: tuple[int, ...], device: torch.device | str,
+    seeds: Sequence[int] | torch.Tensor, stream: int, shape: tuple[int, ...], device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Gaussian noise for a batch, one generator per image seeded from the image's
-    content seed and a stream number, so an image gets the same noise whatever
-    batch, actor or unit split it is scored in."""
-    draws = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed((int(seed) * 1_000_003 + stream) % (2**63 - 1))
-        draws.append(torch.randn(shape, generator=g, dtype=torch.float32))
-    return torch.stack(draws).to(device=device, dtype=dtype)
+    """Gaussian noise (B, *shape) for a batch, drawn on ``device`` in one
+    vectorised call: every value is a counter-based hash of (the image's
+    content seed, ``stream``, the value's index in ``shape``)
+    (:mod:`lotscan.models.noise`), so an image gets the same noise whatever
+    batch, actor, unit split or device it is scored on, with no generator
+    state and no host-to-device copy (the seeds' hashes are cached on the
+    device). Changed from per-image CPU ``torch.Generator`` s: the values
+    differ from those, so bundles calibrated before are stale."""
+    numel = math.prod(shape)
+    keys = stream_keys(seeds, stream, device)
+    return counter_normal(keys, numel, dtype).reshape(keys.shape[0], *shape)
 
 
 class AnomalyMethod:
@@ -118,6 +123,15 @@ class AnomalyMethod:
         arrays shaped (N, H, W, 3) at ``data.image_size``."""
 
     # --- scoring ------------------------------------------------------------------
+    @classmethod
+    def signal_names_for(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        """The signals a bundle whose stored config is ``config`` (the
+        ``LotscanConfig.to_dict()`` form, not yet validated: read it defensively)
+        is calibrated on: ``signal_names``, unless a scoring setting changes
+        them (DiffAD's and DRDC's ``scoring: trend``, whose instances then
+        report the same through ``signal_names``)."""
+        return cls.signal_names
+
     def num_units(self) -> int:
         raise NotImplementedError
 

@@ -17,7 +17,8 @@ weighted sum over levels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 import torch
 
@@ -60,13 +61,26 @@ class FourierTrend:
         angle = -2.0 * math.pi * self.index * indices.to(torch.float64) / self.length
         return torch.cos(angle), torch.sin(angle)
 
-    def partial(self, signal: torch.Tensor, indices: torch.Tensor, name: str) -> Partial:
-        cos, sin = self.twiddles(indices)
+    def partial(self, signal: torch.Tensor, indices: torch.Tensor | Sequence[int], name: str) -> Partial:
+        """Host-side ``indices`` (a sequence or a CPU tensor) reach the device once:
+        their twiddles are cached per (indices, device, dtype), so repeated passes
+        over the same unit chunks copy nothing."""
+        if isinstance(indices, torch.Tensor) and indices.device.type != "cpu":
+            cos, sin = (w.to(signal.dtype) for w in self.twiddles(indices.to(signal.device)))
+        else:
+            idx = tuple(int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices))
+            cos, sin = _cached_twiddles(self.length, self.index, idx, signal.device, signal.dtype)
         shape = (1, -1) + (1,) * (signal.dim() - 2)
-        cos = cos.to(signal.device, signal.dtype).view(shape)
-        sin = sin.to(signal.device, signal.dtype).view(shape)
-        return {f"{name}_re": (signal * cos).sum(dim=1), f"{name}_im": (signal * sin).sum(dim=1)}
+        return {f"{name}_re": (signal * cos.view(shape)).sum(dim=1),
+                f"{name}_im": (signal * sin.view(shape)).sum(dim=1)}
 
     @staticmethod
     def finalize(partial: Partial, name: str) -> torch.Tensor:
         return torch.sqrt(partial[f"{name}_re"] ** 2 + partial[f"{name}_im"] ** 2)
+
+
+@lru_cache(maxsize=256)
+def _cached_twiddles(length: int, index: int, indices: tuple[int, ...], device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = FourierTrend(length, index).twiddles(torch.tensor(indices, dtype=torch.long))
+    return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)

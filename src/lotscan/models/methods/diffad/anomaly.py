@@ -24,12 +24,43 @@ Texture sources, in order of preference:
 - for a batch of one image, a procedural texture: two random colours mixed by
   a Perlin field.
 
+Structural kinds (``diffad.anomaly_kinds``; off by default). DRAEM's
+anomalies change colour and surface only; a structural defect bends, shifts or
+removes the pattern while its colours stay normal, and a segmenter that never
+saw one does not flag it. Inside a mask ``m`` (``structural_mask``: a blob,
+the structural-defect set's shape, by default, or the texture kind's Perlin
+mask):
+
+- ``warp``: ``x_a(p) = x(p + d(p))``, bicubically, with ``d`` Gaussian-smoothed
+  white noise (sigma ``warp_sigma_px``) times the fade window ``w`` (0 at the
+  mask's border, 1 a few pixels inside), scaled so that its largest length is
+  drawn in ``warp_px``;
+- ``patch``: ``x_a = (1 - w) x + w T(x)``, ``T(x)`` the image seen through a
+  shift of length in ``patch_shift_px`` (uniform direction), rotated about
+  the mask's centroid for a share ``patch_rotation_probability`` of them;
+- ``blur``: ``x_a = (1 - w) x + w G_sigma(x)``, sigma drawn in ``blur_sigma_px``.
+
+``w`` is ``m * clamp(2 G_f(m) - 1, 0, 1)**2 / max`` with ``G_f`` a Gaussian blur of
+sigma ``feather_px``: 0 outside and on the border, rising to 1 inside (divided
+by its maximum, so a thin mask still gets the full edit at its core). The
+label of a structural sample is exactly the pixels of ``m`` whose largest
+channel change exceeds ``change_threshold`` grey levels, and every other pixel
+is reset to ``x`` (the structural-defect set's rule, without its closing and
+hole filling): the segmenter is never told a pixel is anomalous that did not
+change visibly (a shift along a periodic pattern, a warp of a flat region
+change nothing).
+A structural sample whose edit changed no pixel enough has an empty mask: it
+is a clean sample.
+
 Every random number comes from the given CPU ``torch.Generator``, so a batch's
-anomalies are reproducible whatever device the images are on.
+anomalies are reproducible whatever device the images are on. With the
+default kinds (``[texture]``) no draw is added, so the anomalies are those of
+the texture-only synthesizer, bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,7 +69,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lotscan.config import DiffADConfig
+from lotscan.config import DIFFAD_ANOMALY_KINDS, DiffADConfig
 
 MAX_MASK_ATTEMPTS = 10
 """A thresholded coarse Perlin map is often empty (its values rarely exceed the
@@ -56,7 +87,16 @@ class SyntheticAnomalies(NamedTuple):
     """(N, 3, H, W) the texture each sample was blended with."""
     beta: torch.Tensor
     """(N,) DRAEM's beta of each sample, the image's weight inside the mask
-    (the texture's is ``1 - beta``); 1 for clean samples, which are the image."""
+    (the texture's is ``1 - beta``); 1 for clean samples, which are the image,
+    and for structural ones, which blend no texture."""
+    kind: torch.Tensor
+    """(N,) long: each sample's index in ``SynthesizerSettings.kinds``, -1 for a
+    clean sample (one drawn clean; a structural one whose edit changed no pixel
+    enough keeps its kind, with an empty mask)."""
+    region: torch.Tensor
+    """(N, 1, H, W) the mask each sample was drawn with (its Perlin mask, or a
+    structural sample's blob); ``mask`` is this for the ``texture`` kind and the
+    changed part of it for a structural one."""
 
 
 @dataclass
@@ -69,11 +109,48 @@ class SynthesizerSettings:
     """Bound of beta, the image's weight inside the mask (DRAEM: 0.8)."""
     rotate: bool = True
     """Rotate the Perlin map by an angle in [-90, 90) degrees (DRAEM does)."""
+    kinds: tuple[str, ...] = ("texture",)
+    """The config's ``diffad.anomaly_kinds``; the fields below are its
+    ``anomaly_*`` fields of the same names (see there for the chosen values)."""
+    kind_weights: tuple[float, ...] = ()
+    structural_mask: str = "blob"
+    blob_radius_px: tuple[float, float] = (4.0, 12.0)
+    warp_px: tuple[float, float] = (1.5, 4.0)
+    warp_sigma_px: float = 4.0
+    patch_shift_px: tuple[float, float] = (2.0, 16.0)
+    patch_rotation_probability: float = 0.5
+    patch_angle_deg: tuple[float, float] = (30.0, 150.0)
+    blur_sigma_px: tuple[float, float] = (1.0, 3.0)
+    feather_px: float = 2.0
+    change_threshold: float = 10.0
+    """Grey levels of 255."""
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        self.kind_weights = tuple(float(w) for w in self.kind_weights)
+        unknown = [k for k in self.kinds if k not in DIFFAD_ANOMALY_KINDS]
+        if not self.kinds or unknown or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"anomaly kinds must be distinct entries of {', '.join(DIFFAD_ANOMALY_KINDS)}, "
+                             f"got {list(self.kinds)}")
+        if self.kind_weights and (len(self.kind_weights) != len(self.kinds) or min(self.kind_weights) < 0
+                                  or sum(self.kind_weights) <= 0):
+            raise ValueError(f"anomaly kind weights {list(self.kind_weights)} must be one weight >= 0 per "
+                             f"kind of {list(self.kinds)}, not all 0")
+        if self.structural_mask not in ("blob", "perlin"):
+            raise ValueError(f"structural anomaly mask must be blob or perlin, got {self.structural_mask!r}")
 
     @classmethod
     def from_config(cls, cfg: DiffADConfig) -> SynthesizerSettings:
         return cls(cfg.anomaly_probability, cfg.perlin_min_scale_exp, cfg.perlin_max_scale_exp,
-                   cfg.perlin_threshold, cfg.max_opacity)
+                   cfg.perlin_threshold, cfg.max_opacity,
+                   kinds=tuple(cfg.anomaly_kinds), kind_weights=tuple(cfg.anomaly_kind_weights),
+                   structural_mask=cfg.anomaly_structural_mask, blob_radius_px=tuple(cfg.anomaly_blob_radius_px),
+                   warp_px=tuple(cfg.anomaly_warp_px), warp_sigma_px=cfg.anomaly_warp_sigma_px,
+                   patch_shift_px=tuple(cfg.anomaly_patch_shift_px),
+                   patch_rotation_probability=cfg.anomaly_patch_rotation_probability,
+                   patch_angle_deg=tuple(cfg.anomaly_patch_angle_deg),
+                   blur_sigma_px=tuple(cfg.anomaly_blur_sigma_px), feather_px=cfg.anomaly_feather_px,
+                   change_threshold=cfg.anomaly_change_threshold)
 
 
 def _uniform(generator: torch.Generator, *shape: int, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
@@ -175,6 +252,30 @@ def perlin_masks(
     return masks
 
 
+def blob_masks(n: int, height: int, width: int, radius_px: tuple[float, float],
+               generator: torch.Generator) -> torch.Tensor:
+    """``n`` binary blobs (n, 1, H, W) float on CPU, the structural-defect set's
+    shape: an ellipse of mean radius drawn in ``radius_px`` (aspect 0.6-1, any
+    orientation) whose edge is perturbed by three lobes (k = 2, 3, 4, each of
+    relative amplitude up to 0.12), centred where the ellipse's mean radius
+    fits inside the image."""
+    r = _span(generator, n, radius_px).view(-1, 1, 1)
+    aspect = _uniform(generator, n, 1, 1, low=0.6, high=1.0)
+    theta = _uniform(generator, n, 1, 1, high=math.pi)
+    lobes = _uniform(generator, n, 3, 1, 1, low=-0.12, high=0.12)
+    phases = _uniform(generator, n, 3, 1, 1, high=2 * math.pi)
+    cy = r + _uniform(generator, n, 1, 1) * (height - 2 * r).clamp_min(0)
+    cx = r + _uniform(generator, n, 1, 1) * (width - 2 * r).clamp_min(0)
+    ys, xs = _pixel_grid(n, height, width, torch.device("cpu"), torch.float32)
+    y, x = ys - cy, xs - cx
+    u = x * torch.cos(theta) + y * torch.sin(theta)
+    v = (-x * torch.sin(theta) + y * torch.cos(theta)) / aspect
+    phi = torch.atan2(v, u).unsqueeze(1)
+    k = torch.arange(2, 5, dtype=torch.float32).view(1, 3, 1, 1)
+    edge = 1.0 + (lobes * torch.cos(k * phi + phases)).sum(dim=1)
+    return (torch.hypot(u, v) < r * edge).float().unsqueeze(1)
+
+
 def _rot90_each(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != x.shape[-2]:
         return x
@@ -199,6 +300,151 @@ def _flip_rotate(tex: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     tex = torch.where(hflip, tex.flip(-1), tex)
     tex = torch.where(vflip, tex.flip(-2), tex)
     return _rot90_each(tex, torch.randint(0, 4, (n,), generator=generator))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """(N, C, H, W) blurred by a separable Gaussian of each sample's own sigma
+    (N,) in pixels (or one for all), replicate-padded; a sigma of 0 is the
+    identity. One grouped convolution per axis for the whole batch."""
+    n, c, h, w = x.shape
+    sig = torch.as_tensor(sigma, dtype=torch.float64).flatten().expand(n).clamp_min(1e-6)
+    radius = max(1, math.ceil(3.0 * float(sig.max())))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps[None, :] / sig[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    kernel = kernel.to(device=x.device, dtype=x.dtype)
+    k = 2 * radius + 1
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), kernel.view(n * c, 1, 1, k), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), kernel.view(n * c, 1, k, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def fade_window(mask: torch.Tensor, feather_px: float) -> torch.Tensor:
+    """(N, 1, H, W) weights in [0, 1] that are 0 outside the binary ``mask`` and
+    on its border and rise to 1 inside over about two ``feather_px``:
+    ``m * clamp(2 G(m) - 1, 0, 1)**2`` (squared, so it leaves the border with
+    a small slope: at most about 0.15 on a border pixel of a disc at 2 px),
+    divided by each sample's maximum so that a mask thinner than the fade
+    still reaches 1 at its core (0 stays 0)."""
+    if feather_px <= 0:
+        return mask
+    window = mask * (2.0 * gaussian_blur(mask, feather_px) - 1.0).clamp(0.0, 1.0) ** 2
+    peak = window.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
+    return torch.where(peak > 0, window / peak.clamp_min(1e-12), window)
+
+
+def _pixel_grid(n: int, h: int, w: int, device: torch.device, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column coordinates (N, H, W) of the pixel centres."""
+    ys = torch.arange(h, device=device, dtype=dtype).view(1, h, 1).expand(n, h, w)
+    xs = torch.arange(w, device=device, dtype=dtype).view(1, 1, w).expand(n, h, w)
+    return ys, xs
+
+
+def _sample_at(images: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+    """``images`` read bicubically at the pixel coordinates (N, H, W) ``sy``, ``sx``
+    (reflected at the borders), clamped to the image range [-1, 1]."""
+    h, w = images.shape[-2:]
+    grid = torch.stack([(2.0 * sx + 1.0) / w - 1.0, (2.0 * sy + 1.0) / h - 1.0], dim=-1)
+    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="reflection", align_corners=False)
+    return out.clamp(-1.0, 1.0)
+
+
+def _span(generator: torch.Generator, n: int, bounds: tuple[float, float]) -> torch.Tensor:
+    return _uniform(generator, n, low=float(bounds[0]), high=float(bounds[1]))
+
+
+def warp_images(images: torch.Tensor, mask: torch.Tensor, settings: SynthesizerSettings,
+                generator: torch.Generator) -> torch.Tensor:
+    """The ``warp`` kind before labelling: ``x(p + d(p))`` with a smooth field
+    ``d`` that fades to 0 at the mask's border and whose longest vector is drawn
+    in ``settings.warp_px`` (pixels)."""
+    n, _, h, w = images.shape
+    amplitude = _span(generator, n, settings.warp_px).to(images.device, images.dtype)
+    noise = torch.randn((n, 2, h, w), generator=generator).to(images.device, images.dtype)
+    field = gaussian_blur(noise, settings.warp_sigma_px) * fade_window(mask, settings.feather_px)
+    longest = field.norm(dim=1).flatten(1).amax(dim=1).clamp_min(1e-12)
+    field = field * (amplitude / longest).view(-1, 1, 1, 1)
+    ys, xs = _pixel_grid(n, h, w, images.device, images.dtype)
+    return _sample_at(images, ys + field[:, 0], xs + field[:, 1])
+
+
+def paste_patches(images: torch.Tensor, mask: torch.Tensor, settings: SynthesizerSettings,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The ``patch`` kind before labelling: inside the mask, feathered in, the
+    image as seen from a point shifted by a length in ``settings.patch_shift_px``
+    (uniform direction) and, for a share ``patch_rotation_probability``,
+    rotated about the mask's centroid by an angle in ``patch_angle_deg`` of
+    either sense."""
+    n, _, h, w = images.shape
+    length = _span(generator, n, settings.patch_shift_px)
+    direction = _uniform(generator, n, high=2 * math.pi)
+    rotated = torch.rand(n, generator=generator) < settings.patch_rotation_probability
+    sense = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    angle = torch.where(rotated, sense * _span(generator, n, settings.patch_angle_deg), torch.zeros(n))
+    dev, dt = images.device, images.dtype
+    ty, tx = (length * torch.sin(direction)).to(dev, dt), (length * torch.cos(direction)).to(dev, dt)
+    theta = torch.deg2rad(angle).to(dev, dt)
+    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
+    ys, xs = _pixel_grid(n, h, w, dev, dt)
+    weight = mask[:, 0]
+    area = weight.flatten(1).sum(dim=1).clamp_min(1.0).view(-1, 1, 1)
+    cy = (ys * weight).flatten(1).sum(dim=1).view(-1, 1, 1) / area
+    cx = (xs * weight).flatten(1).sum(dim=1).view(-1, 1, 1) / area
+    dy, dx = ys - cy, xs - cx
+    sy = cy + cos * dy - sin * dx + ty.view(-1, 1, 1)
+    sx = cx + sin * dy + cos * dx + tx.view(-1, 1, 1)
+    alpha = fade_window(mask, settings.feather_px)
+    return (1 - alpha) * images + alpha * _sample_at(images, sy, sx)
+
+
+def blur_regions(images: torch.Tensor, mask: torch.Tensor, settings: SynthesizerSettings,
+                 generator: torch.Generator) -> torch.Tensor:
+    """The ``blur`` kind before labelling: the mask's region feathered into a
+    Gaussian blur of the image (sigma drawn in ``settings.blur_sigma_px``): the
+    pattern's elements smoothed away, its mean colour kept."""
+    sigma = _span(generator, images.shape[0], settings.blur_sigma_px)
+    alpha = fade_window(mask, settings.feather_px)
+    return (1 - alpha) * images + alpha * gaussian_blur(images, sigma)
+
+
+STRUCTURAL_CONFIG_FIELDS = (
+    "anomaly_kinds", "anomaly_kind_weights", "anomaly_structural_mask", "anomaly_blob_radius_px",
+    "anomaly_warp_px", "anomaly_warp_sigma_px", "anomaly_patch_shift_px", "anomaly_patch_rotation_probability",
+    "anomaly_patch_angle_deg", "anomaly_blur_sigma_px", "anomaly_feather_px", "anomaly_change_threshold",
+)
+"""The ``diffad.*`` fields of the structural kinds. They change a stage's
+anomalies only where a structural kind is used (:func:`structural_in_use`), and
+only then enter its fingerprint: texture-only checkpoints made before these
+fields existed keep theirs."""
+
+
+def structural_in_use(cfg: DiffADConfig, stage: str) -> bool:
+    """Whether ``stage``'s synthetic anomalies include a structural kind: the
+    segmenter's when ``anomaly_kinds`` is not ``[texture]``, the latent
+    denoiser's when, besides, ``structural_condition`` is on."""
+    if list(cfg.anomaly_kinds) == ["texture"]:
+        return False
+    if stage == "segmenter":
+        return True
+    return stage == "latent_denoiser" and cfg.structural_condition
+
+
+STRUCTURAL_KINDS = {"warp": warp_images, "patch": paste_patches, "blur": blur_regions}
+"""Every kind but ``texture``: ``(images, mask, settings, generator) -> edited
+images`` (before labelling); one function per kind, all batched."""
+assert set(STRUCTURAL_KINDS) | {"texture"} == set(DIFFAD_ANOMALY_KINDS)
+
+
+def changed_mask(images: torch.Tensor, edited: torch.Tensor, mask: torch.Tensor,
+                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_a, label)`` of a structural edit: the label is the pixels of ``mask``
+    whose largest channel change exceeds ``threshold`` grey levels (of 255),
+    and ``x_a`` is the edit there and the normal image everywhere else."""
+    change = (edited - images).abs().amax(dim=1, keepdim=True)
+    label = (change > threshold / 127.5) & (mask > 0)
+    return torch.where(label, edited, images), label.to(images.dtype)
 
 
 class AnomalySynthesizer:
@@ -264,8 +510,16 @@ class AnomalySynthesizer:
             tex = self._procedural(n, h, w, generator, images.device)
         return _colour_jitter(_flip_rotate(tex, generator), generator)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> SyntheticAnomalies:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 structural: bool = True) -> SyntheticAnomalies:
+        """Synthetic anomalies for ``images`` (N, 3, H, W) in [-1, 1], on their
+        device and dtype. ``structural=False`` draws only the ``texture`` kind
+        (whatever ``settings.kinds`` says), exactly as a texture-only synthesizer
+        does: the latent denoiser's condition with ``diffad.structural_condition``
+        off."""
         s = self.settings
+        if not structural and s.kinds != ("texture",):
+            s = dataclasses.replace(s, kinds=("texture",), kind_weights=())
         n, _, h, w = images.shape
         anomalous = torch.rand(n, generator=generator) < s.anomaly_probability
         masks = torch.zeros(n, 1, h, w)
@@ -279,4 +533,25 @@ class AnomalySynthesizer:
         b = beta.to(device=images.device, dtype=images.dtype).view(-1, 1, 1, 1)
         blended = b * images + (1 - b) * texture
         x_a = torch.where(mask > 0, blended, images)
-        return SyntheticAnomalies(x_a, mask, texture, beta.to(images.device))
+        kind = torch.where(anomalous, self._draw_kinds(s, n, generator), torch.full((n,), -1))
+        region = mask.clone()
+        for k, name in enumerate(s.kinds):
+            idx = (kind == k).nonzero().flatten()
+            if name == "texture" or not len(idx):
+                continue
+            at = idx.to(images.device)
+            if s.structural_mask == "blob":
+                region[at] = blob_masks(len(idx), h, w, s.blob_radius_px, generator).to(mask.device, mask.dtype)
+            edited = STRUCTURAL_KINDS[name](images[at], region[at], s, generator)
+            x_a[at], mask[at] = changed_mask(images[at], edited, region[at], s.change_threshold)
+            beta[idx] = 1.0
+        return SyntheticAnomalies(x_a, mask, texture, beta.to(images.device), kind.to(images.device), region)
+
+    @staticmethod
+    def _draw_kinds(s: SynthesizerSettings, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Each sample's kind index (N,) long, by ``kind_weights``; with a single
+        kind nothing is drawn (so ``[texture]`` draws what it always did)."""
+        if len(s.kinds) == 1:
+            return torch.zeros(n, dtype=torch.long)
+        weights = torch.tensor(s.kind_weights or [1.0] * len(s.kinds), dtype=torch.float64)
+        return torch.multinomial(weights, n, replacement=True, generator=generator)

@@ -24,6 +24,17 @@ Every training stage first rotates ``normal_rotation_probability`` of the
 normal images (DRAEM's loader, which the official code uses, rotates 30 %;
 off by default, see the config field).
 
+With ``diffad.scoring: trend`` (lotscan's, DTA on top of DiffAD) the
+segmenter is not used: each of the K + 1 work units is a level t_k of
+``diffad.trend``; the input's latent c is noised to t_k in the paper's
+coordinates, ``c_beta = c + sigma_{t_k} n`` (the latent UNet sees
+``sqrt(abar) c_beta``), DDIM-sampled back to clean conditioned on c, decoded,
+and the per-pixel DFT coefficient of the decoded reconstructions over k is
+``trend_x``; ``trend_u`` is the same over the Jacobian diagonal of the sampled
+latent with respect to ``c_beta`` (Hutchinson probes, channel mean, resized
+to the image). See :meth:`DiffADMethod.reconstruct_at_levels` and
+docs/methods-trend.md.
+
 Latents are normalised per channel with statistics stored in the latent
 denoiser (see :class:`~.networks.LatentDenoiser`); the interpolation is done
 on normalised latents, which is the same as on raw ones because the
@@ -43,13 +54,15 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from lotscan.config import LotscanConfig
+from lotscan.config import DiffADConfig, LotscanConfig
 from lotscan.models.diffusion import NoiseSchedule, ddim_x0
 from lotscan.models.method import AnomalyMethod, unit_noise
 from lotscan.models.methods.diffad.anomaly import (
+    STRUCTURAL_CONFIG_FIELDS,
     AnomalySynthesizer,
     SynthesizerSettings,
     rotate_normal_images,
+    structural_in_use,
 )
 from lotscan.models.methods.diffad.loss import focal_loss
 from lotscan.models.methods.diffad.networks import (
@@ -59,9 +72,30 @@ from lotscan.models.methods.diffad.networks import (
     build_segmenter,
     noise_schedule,
 )
-from lotscan.models.reduction import Partial
+from lotscan.models.reduction import FourierTrend, Partial
+from lotscan.models.trend import (
+    jacobian_diagonal,
+    level_timesteps,
+    rademacher,
+    trend_fuse,
+    trend_magnitude,
+    trend_partial,
+    trend_signal_names,
+)
 
 SEGMENTER_FIELDS = ("x_a", "mask", "x_inter", "x_r")
+TREND_NOISE_STREAM = 1 << 20
+""":func:`unit_noise` stream of the latent noise of ``scoring: trend``: the same
+draw at every level with ``trend.shared_noise``, else stream
+``TREND_NOISE_STREAM + 1 + k`` for level k. The condition noise (when
+``sample_condition_level > 0``) is stream 1 at every level, sample 0's."""
+TREND_PROBE_STREAM = 1 << 21
+"""First stream of the Hutchinson probes: probe p of level k is stream
+``TREND_PROBE_STREAM + p`` with shared noise, ``TREND_PROBE_STREAM + p * (K + 1) + k``
+without."""
+TREND_SMOOTHING_KERNEL = 5
+"""Mean filter of the trend signals (``score.smoothing_kernel: null``): DTA's
+default (5 px at 64 px); the segmenter's raw-softmax rationale does not apply."""
 
 
 class SampleCache:
@@ -117,7 +151,6 @@ class SampleCache:
 
 class DiffADMethod(AnomalyMethod):
     name = "diffad"
-    signal_names = ("segmentation",)
     stages = ("autoencoder", "latent_denoiser", "segmenter")
     default_smoothing_kernel = 1
     """No mean filter: the official test script scores pixels on the raw
@@ -127,6 +160,30 @@ class DiffADMethod(AnomalyMethod):
         super().__init__(cfg, networks)
         self.synthesizer = AnomalySynthesizer(SynthesizerSettings.from_config(cfg.diffad))
         self.segmenter_cache = SampleCache(cfg.diffad.segmenter_cache_size)
+        if cfg.diffad.scoring == "trend":
+            # Fixed when the method is built (as its networks are). The sweep is
+            # checked now, so a bad one fails before any work, on a schedule of
+            # its own: ``self.schedule`` must wait for the trained weights (it
+            # checks the beta range they carry).
+            self.default_smoothing_kernel = TREND_SMOOTHING_KERNEL
+            level_timesteps(noise_schedule(cfg.diffad.latent_denoiser), cfg.diffad.trend, "diffad.trend")
+
+    @property
+    def signal_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        """``segmentation``, or with ``scoring: trend`` ``trend_x`` (and ``trend_u``
+        when ``trend.uncertainty_weight`` > 0)."""
+        d = self.cfg.diffad
+        return trend_signal_names(d.trend) if d.scoring == "trend" else ("segmentation",)
+
+    @classmethod
+    def signal_names_for(cls, config: dict[str, Any]) -> tuple[str, ...]:
+        d = config.get("diffad") if isinstance(config, dict) else None
+        d = d if isinstance(d, dict) else {}
+        if d.get("scoring", DiffADConfig.scoring) != "trend":
+            return ("segmentation",)
+        trend = d.get("trend") if isinstance(d.get("trend"), dict) else {}
+        weight = trend.get("uncertainty_weight", DiffADConfig().trend.uncertainty_weight)
+        return ("trend_x",) if weight == 0 else ("trend_x", "trend_u")
 
     # --- networks -----------------------------------------------------------------
     def build_networks(self) -> dict[str, nn.Module]:
@@ -175,6 +232,11 @@ class DiffADMethod(AnomalyMethod):
             keys += [k for k in d if k.startswith(("segmenter_", "anomaly_", "perlin_")) and k not in keys]
         else:
             raise ValueError(f"diffad's training stages are {', '.join(self.stages)}, not {stage!r}")
+        # The structural kinds' fields only where they act, so texture-only fingerprints are
+        # unchanged (diffad.structural_condition acts through structural_in_use alone).
+        keys = [k for k in keys if k not in STRUCTURAL_CONFIG_FIELDS]
+        if structural_in_use(self.cfg.diffad, stage):
+            keys += STRUCTURAL_CONFIG_FIELDS
         return {k: d[k] for k in sorted(keys)}
 
     def training_resource_uris(self) -> dict[str, str]:
@@ -232,7 +294,7 @@ class DiffADMethod(AnomalyMethod):
         d = self.cfg.diffad
         den: LatentDenoiser = getattr(net, "module", net)
         ae = self.networks["autoencoder"]
-        synthetic = self.synthesizer(images, generator)
+        synthetic = self.synthesizer(images, generator, structural=d.structural_condition)
         n = images.shape[0]
         with torch.no_grad():
             latents = ae.encode(torch.cat([images, synthetic.x_a])).latent_dist.mean
@@ -355,9 +417,15 @@ class DiffADMethod(AnomalyMethod):
 
     # --- scoring ------------------------------------------------------------------
     def num_units(self) -> int:
-        return self.cfg.diffad.num_samples
+        d = self.cfg.diffad
+        return d.trend.num_levels + 1 if d.scoring == "trend" else d.num_samples
 
     def partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
+        if self.cfg.diffad.scoring == "trend":
+            return self._trend_partial(images, seeds, units)
+        return self._segmenter_partial(images, seeds, units)
+
+    def _segmenter_partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
         """All units of all images go through the networks as one batch (unit-major).
         Unit ``s`` takes its initial noise from stream ``2s`` and its condition
         noise from stream ``2s + 1`` of the image's seed."""
@@ -382,7 +450,140 @@ class DiffADMethod(AnomalyMethod):
         }
 
     def finalize(self, partial: Partial) -> dict[str, torch.Tensor]:
+        if self.cfg.diffad.scoring == "trend":
+            size = tuple(partial["x_re"].shape[-2:])
+            out = {"trend_x": trend_magnitude(partial, "x")}
+            if "u_re" in partial:
+                out["trend_u"] = trend_magnitude(partial, "u", size)
+            return out
         return {"segmentation": partial["mask_sum"] / partial["count"].view(-1, 1, 1)}
 
     def fuse(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cfg.diffad.scoring == "trend":
+            return trend_fuse(normalised, self.cfg.diffad.trend)
         return normalised["segmentation"]
+
+    # --- trend analysis on top of DiffAD (scoring: trend) ------------------------------
+    def trend_timesteps(self) -> torch.Tensor:
+        """t_0..t_K of ``diffad.trend`` (CPU, int64), in latent-denoiser timesteps."""
+        return level_timesteps(self.schedule, self.cfg.diffad.trend, "diffad.trend")
+
+    @property
+    def fourier(self) -> FourierTrend:
+        trend = self.cfg.diffad.trend
+        return FourierTrend(trend.num_levels + 1, trend.fourier_index)
+
+    def _level_timesteps(self, levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Timesteps of ``levels`` on ``device``, cached (the scorer's passes repeat
+        the same unit chunks batch after batch: one copy to the device)."""
+        tr = self.cfg.diffad.trend
+        key = (levels, device, tr.num_levels, tr.min_level, tr.max_level, tr.level_spacing)
+        cache = self.__dict__.setdefault("_trend_timestep_cache", {})
+        if key not in cache:
+            cache[key] = self.trend_timesteps()[list(levels)].to(device)
+        return cache[key]
+
+    def _level_draws(self, seeds: Sequence[int], levels: Sequence[int], stream: int, like: torch.Tensor,
+                     probes: bool = False) -> torch.Tensor:
+        """(B, L, C, h, w) draws for ``levels``, image-major: with shared noise one
+        draw of ``stream`` expanded over the levels, else ``stream + offset(k)``
+        (noise: ``1 + k``; probes: ``k``). Probes are Rademacher signs."""
+        b = like.shape[0]
+        n = len(levels)
+
+        def draw(s: int) -> torch.Tensor:
+            if probes:
+                return rademacher(seeds, s, like)
+            return unit_noise(seeds, s, tuple(like.shape[1:]), like.device, like.dtype)
+
+        if self.cfg.diffad.trend.shared_noise:
+            return draw(stream).unsqueeze(1).expand(b, n, *like.shape[1:])
+        return torch.stack([draw(stream + int(k) + (0 if probes else 1)) for k in levels], dim=1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from normalised latents."""
+        den = self.latent_denoiser
+        return self.networks["autoencoder"].decode(den.denormalise(z)).sample.clamp(-1.0, 1.0)
+
+    def reconstruct_at_levels(
+        self, images: torch.Tensor, seeds: Sequence[int], levels: Sequence[int], with_uncertainty: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The "reconstruct at level t" hook of the trend analysis.
+
+        For every image and level k of ``levels``: ``c = E(x)``, ``c_beta = c +
+        sigma_{t_k} n`` (n: the image's latent noise), ``z* = DDIM(sqrt(abar_{t_k})
+        c_beta)`` in ``trend.ddim_steps`` steps from t_k to clean, conditioned on c
+        (noised to ``sample_condition_level`` when that is > 0), and the decoded
+        ``x_k = D(z*)``. Level 0's intensity is ``trend.first_entry`` (``D(c)`` or
+        the input), not a sample, as Fig. 3's x0.
+
+        Returns the intensity (B, L, 3, H, W) and, with ``with_uncertainty``, the
+        Hutchinson estimate of the diagonal of ``d z* / d c_beta`` (B, L, C, h, w),
+        in latent resolution (the decoded output's Jacobian with respect to the
+        latent is not square: it has no diagonal). Without it, level 0 runs no
+        network beyond the autoencoder. All levels that need the latent UNet go
+        through it as one batch."""
+        d = self.cfg.diffad
+        tr = d.trend
+        levels = [int(k) for k in levels]
+        b = images.shape[0]
+        with torch.no_grad():
+            c = self.condition(images)
+            cond = c
+            if d.sample_condition_level > 0:
+                level = torch.full((b,), d.sample_condition_level, dtype=torch.long, device=c.device)
+                c_noise = unit_noise(seeds, 1, tuple(c.shape[1:]), c.device, c.dtype)
+                cond = self.schedule.add_noise(c, c_noise, level)
+        run = [k for k in levels if with_uncertainty or k != 0]
+        sampled = u = None
+        if run:
+            n = len(run)
+            shape = tuple(c.shape[1:])
+            t = self._level_timesteps(tuple(run), c.device).repeat(b)
+
+            def rows(x: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (B * n, ...), image-major
+                return x.unsqueeze(1).expand(b, n, *shape).reshape(b * n, *shape)
+
+            cond_rows = rows(cond)
+            a = self.schedule.alpha_bar(t, cond_rows)
+            noise = self._level_draws(seeds, run, TREND_NOISE_STREAM, c).reshape(b * n, *shape)
+            c_beta = (rows(c) + ((1 - a) / a).sqrt() * noise).detach()
+            den = self.latent_denoiser
+
+            def eps(z: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+                return den(z, tt, cond_rows)
+
+            def sample(cb: torch.Tensor) -> torch.Tensor:
+                return ddim_x0(eps, self.schedule, a.sqrt() * cb, t, tr.ddim_steps)
+
+            if with_uncertainty:
+                stride = 1 if tr.shared_noise else tr.num_levels + 1
+                probes = [self._level_draws(seeds, run, TREND_PROBE_STREAM + p * stride, c, probes=True)
+                          .reshape(b * n, *shape) for p in range(tr.uncertainty_probes)]
+                z, u_rows = jacobian_diagonal(sample, c_beta, probes)
+                u_all = u_rows.view(b, n, *shape)
+            else:
+                with torch.no_grad():
+                    z = sample(c_beta)
+            with torch.no_grad():
+                sampled = self.decode(z).view(b, n, *images.shape[1:])
+        col = {k: i for i, k in enumerate(run)}
+        first = None
+        if 0 in levels:
+            with torch.no_grad():
+                first = images if tr.first_entry == "input" else self.decode(c)
+        intensity = torch.stack([first if k == 0 else sampled[:, col[k]] for k in levels], dim=1)
+        if with_uncertainty:
+            u = torch.stack([u_all[:, col[k]] for k in levels], dim=1)
+        return intensity, u
+
+    def _trend_partial(self, images: torch.Tensor, seeds: Sequence[int], units: Sequence[int]) -> Partial:
+        """DFT contributions of the levels ``units``: ``x_re/x_im`` (B, 1, 3, H, W)
+        and, with the uncertainty, ``u_re/u_im`` (B, 1, C, h, w)."""
+        units = [int(k) for k in units]
+        with_u = self.cfg.diffad.trend.uncertainty_weight != 0
+        intensity, u = self.reconstruct_at_levels(images, seeds, units, with_u)
+        out = trend_partial(self.fourier, intensity, units, "x")
+        if u is not None:
+            out.update(trend_partial(self.fourier, u, units, "u"))
+        return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL
 from torch import nn
 
 from lotscan.config import DenoiserConfig, LotscanConfig
@@ -21,29 +21,9 @@ a long average is the most accurate."""
 
 
 def noise_schedule(cfg: DenoiserConfig) -> NoiseSchedule:
-    """``NoiseSchedule.from_config`` with the config's beta range
-    (``beta_start``/``beta_end``, passed to diffusers' ``DDPMScheduler``).
-
-    ``NoiseSchedule`` takes only ``num_train_timesteps`` and ``beta_schedule``
-    (diffusers' default range 1e-4..0.02); when the schedule it builds is not
-    the configured one, its table is replaced. The result is checked through
-    ``alpha_bar`` itself, so a schedule that ignored the range would be an
-    error here, never a silently different model. (Once ``from_config`` reads
-    the range, the replacement is skipped.)"""
-    schedule = NoiseSchedule.from_config(cfg)
-    wanted = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                           beta_start=cfg.beta_start, beta_end=cfg.beta_end).alphas_cumprod.to(torch.float64)
-    t = torch.arange(cfg.num_train_timesteps)
-
-    def table() -> torch.Tensor:
-        return schedule.alpha_bar(t, torch.zeros(len(t), 1, dtype=torch.float64)).view(-1).cpu()
-
-    if not torch.allclose(table(), wanted, rtol=1e-6, atol=1e-9):
-        schedule.alphas_cumprod = wanted
-        if not torch.allclose(table(), wanted, rtol=1e-6, atol=1e-9):
-            raise RuntimeError(f"the noise schedule does not follow beta_start={cfg.beta_start}, "
-                               f"beta_end={cfg.beta_end}: NoiseSchedule changed, update noise_schedule")
-    return schedule
+    """The latent denoiser's schedule, with the config's beta range (the
+    official DiffAD range is set in ``DiffADConfig``)."""
+    return NoiseSchedule.from_config(cfg)
 
 
 def latent_size(cfg: LotscanConfig) -> int:

@@ -83,6 +83,7 @@ def inpaint(
     on_step: StepHook | None = None,
     clip_x0: bool = True,
     start: torch.Tensor | None = None,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inpaint the ``unknown`` region (N, 1, H, W) of ``image`` (N, 3, H, W) with
     ``steps`` DDIM (eta 0) steps from each sample's ``t_start`` down to clean.
@@ -96,11 +97,17 @@ def inpaint(
     input (test-time conditioning); after the last step the state is clean
     (alpha_bar = 1), its known region the input itself, and nothing is drawn.
     ``clip_x0`` clamps each x0 prediction to the image range [-1, 1], as
-    diffusers' DDIM sampler does by default. Returns the final image.
+    diffusers' DDIM sampler does by default. ``initial``, when given, is the
+    state at ``t_start`` itself (``start`` and ``noise(0)`` are then not used):
+    the trend's uncertainty differentiates the result with respect to it.
+    Returns the final image.
     """
     known = 1 - unknown
     seq = ddim_timesteps(t_start, steps)  # (N, steps + 1), ends at -1 (clean)
-    x = schedule.add_noise(condition if start is None else start, noise(0), seq[:, 0])
+    if initial is not None:
+        x = initial
+    else:
+        x = schedule.add_noise(condition if start is None else start, noise(0), seq[:, 0])
     for k in range(steps):
         t_cur, t_next = seq[:, k], seq[:, k + 1]
         a_cur = schedule.alpha_bar(t_cur, x)
