@@ -92,6 +92,22 @@ def test_a_retryable_row_goes_once_the_image_has_its_final_row(tmp_path):
     assert read_table(out, "failures", StorageConfig()).empty
 
 
+def test_the_write_stage_counts_for_the_metrics(tmp_path):
+    from lotscan.platform import metrics
+
+    before = metrics.local_counts()
+    _sink(str(tmp_path / "out")).write(_batch(["a", "b", "c"], errors=["", "", "/x/c.png: bad"],
+                                             kinds=["", "", "permanent"]))
+    after = metrics.local_counts()
+
+    def delta(key, tags):
+        k = (key, tuple(sorted(tags.items())))
+        return after.get(k, 0) - before.get(k, 0)
+
+    assert delta("images_scored", {"method": "dta"}) == 2
+    assert delta("images_failed", {"method": "dta", "kind": "permanent"}) == 1
+
+
 def test_flagged_images_get_regions_and_heatmaps(tmp_path):
     out = str(tmp_path / "out")
     batch = _batch(["a", "b"], score=0.2)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -36,7 +37,7 @@ from lotscan.platform.runtime import cluster_has_gpus, ensure_ray
 from lotscan.platform.scoring.faults import ModelFault, ScoringError, unwrap
 from lotscan.platform.scoring.lease import OutputLease
 from lotscan.platform.scoring.listing import list_rows
-from lotscan.platform.scoring.outputs import control_dir
+from lotscan.platform.scoring.outputs import FAILURE_COLUMNS, control_dir, part_name, write_table
 from lotscan.platform.scoring.reconcile import reconcile
 from lotscan.platform.scoring.reduce import ReduceImages
 from lotscan.platform.scoring.resume import (
@@ -67,7 +68,9 @@ Log = Callable[[str], None]
 
 
 def _claim_output(out_uri: str, bundle: Bundle) -> None:
-    """``_lotscan/output.json`` names the one model whose results go here."""
+    """``_lotscan/output.json`` names the one model whose results go here. A new
+    output also gets an empty failures table, so readers can always read
+    ``failures/`` (zero rows, the table's schema)."""
     uri = join(control_dir(out_uri), "output.json")
     record = {"model_id": bundle.model_id, "method": bundle.config.method,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -75,6 +78,8 @@ def _claim_output(out_uri: str, bundle: Bundle) -> None:
     storage = bundle.config.storage
     try:
         create_exclusive(uri, json.dumps(record).encode(), storage)
+        write_table(pd.DataFrame(columns=FAILURE_COLUMNS), FAILURE_COLUMNS,
+                    join(out_uri, "failures", part_name([])), storage)
         return
     except StorageConflict:
         pass
@@ -253,14 +258,13 @@ def score_lots(
                 if per_chunk < num_units:
                     log(f"[lotscan score] fan-out: {math.ceil(num_units / per_chunk)} chunks of "
                         f"<= {per_chunk} units per image, reduced by image in {windows} window(s)")
-                progress = Progress(n_todo, unit="images", desc="[lotscan score] scoring")
-                for w in range(windows):
-                    part = todo if windows == 1 else todo.map_batches(
-                        _window, fn_kwargs={"index": w, "count": windows}, batch_format="pandas")
-                    _run(build_pipeline(part, math.ceil(n_todo / windows), cfg, model_uri, overrides,
-                                        sink, per_chunk, num_units), totals, progress, cfg)
-                    lease.check()
-                progress.close()
+                with Progress(n_todo, unit="images", desc="[lotscan score] scoring") as progress:
+                    for w in range(windows):
+                        part = todo if windows == 1 else todo.map_batches(
+                            _window, fn_kwargs={"index": w, "count": windows}, batch_format="pandas")
+                        _run(build_pipeline(part, math.ceil(n_todo / windows), cfg, model_uri,
+                                            overrides, sink, per_chunk, num_units), totals, progress, cfg)
+                        lease.check()
                 if retry_failed and old_failures:
                     # Every image of the old failure parts got a new row in this run.
                     reconcile(out_uri, storage, id_refs(result_ids(out_uri, storage))[0])
