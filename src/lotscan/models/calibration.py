@@ -351,7 +351,8 @@ def describe(cal: Calibration) -> str:
     """One line for logs: threshold, its image count and bound."""
     if cal.threshold_method != CONFORMAL:
         return f"threshold {cal.threshold:.4f} (legacy quantile on {cal.num_images} images)"
-    per = ", ".join(f"{n} {c.threshold:.4f} ({c.threshold_images} img)" for n, c in cal.categories.items())
+    entries = [f"{n} {c.threshold:.4f} ({c.threshold_images} img)" for n, c in cal.categories.items()]
+    per = ", ".join(entries[:6]) + (f", ... ({len(entries)} categories)" if len(entries) > 6 else "")
     return (f"threshold {cal.threshold:.4f} = score {cal.threshold_rank} of {cal.threshold_images} "
             f"normal images (false-positive bound {cal.fpr_bound:.3f}, target {cal.normal_fpr}); "
             f"ranges from {cal.range_images} other image(s)" + (f"; per category: {per}" if per else ""))

@@ -39,6 +39,7 @@ from ray.train import (
     LoggingConfig,
     RunConfig,
     ScalingConfig,
+    TrainingFailedError,
     UserCallback,
 )
 from ray.train.torch import TorchTrainer
@@ -197,7 +198,14 @@ def run_stage(cfg: LotscanConfig, stage: str, images: list[ray.ObjectRef], check
     log(f"[lotscan train] stage {stage}: Ray Train run {name} "
         f"({cfg.train.num_workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
         f"{cfg.train.precision}, up to {cfg.train.max_failures} restart(s))")
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"stage {stage} failed ({first[:300]}) after the restarts train.max_failures="
+            f"{cfg.train.max_failures} allows; re-run the same command to resume from its "
+            f"latest checkpoint") from err
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage} finished without a checkpoint")
     local = tempfile.mkdtemp(prefix=f"lotscan-{stage}-")
@@ -283,6 +291,14 @@ def _training_resources(method, cfg: LotscanConfig, log: Log) -> dict[str, np.nd
     return out
 
 
+def _calibrate(cfg: LotscanConfig, networks: dict[str, torch.nn.Module], rows: list[dict],
+               log: Log):
+    try:
+        return calibrate_networks(cfg, networks, rows, log)
+    except ValueError as err:  # no readable image, non-finite scores: say so, no traceback
+        raise TrainingError(str(err)) from err
+
+
 def train_bundle(
     cfg: LotscanConfig,
     data_uri: str,
@@ -365,7 +381,7 @@ def train_bundle(
         log(f"[lotscan train] stage {stage} done at step {state['step']} "
             f"(loss {state['loss']:.4f}{rate})")
     log(f"[lotscan train] calibrating on {len(calib_rows)} held-out normal images")
-    calibration = calibrate_networks(cfg, method.networks, calib_rows, log)
+    calibration = _calibrate(cfg, method.networks, calib_rows, log)
     last = stage_info[method.stages[-1]]
     training = {
         "data_uri": data_uri,
@@ -395,7 +411,7 @@ def recalibrate_bundle(source: Bundle, cfg: LotscanConfig, data_uri: str, out_ur
     _, calib_rows = split_calibration(rows, cfg.data.calibration_fraction)
     method = build_method(cfg, networks=source.method.networks)
     log(f"[lotscan calibrate] {cfg.method}: calibrating on {len(calib_rows)} held-out normal images")
-    calibration = calibrate_networks(cfg, method.networks, calib_rows, log)
+    calibration = _calibrate(cfg, method.networks, calib_rows, log)
     training = {**source.training, "recalibrated_from": source.model_id,
                 "calibration_images": len(calib_rows)}
     bundle = Bundle(method=method, calibration=calibration, training=training)
