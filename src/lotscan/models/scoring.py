@@ -14,47 +14,39 @@ calibration, the Serve app), so that an image gets the same score everywhere:
 4. each signal normalised with the range calibrated on held-out normal images
    (stored in the bundle; never per image);
 5. ``fuse`` -> anomaly map; image score = max of the average-pooled map;
-   decision = score > threshold.
+   decision = score > the image's threshold (its category's, when the
+   calibration has one; see :mod:`lotscan.models.calibration`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lotscan.models.calibration import (
+    RANGE_STREAM,
+    REGION_STREAM,
+    Calibration,
+    finish_calibration,
+    pixels_per_image,
+    ranges_from_samples,
+    sample_pixels,
+    split_halves,
+)
 from lotscan.models.method import AnomalyMethod
 from lotscan.models.reduction import Partial, combine_partials
-
-MAX_CALIBRATION_PIXELS = 4_000_000
-
-
-@dataclass
-class Calibration:
-    """Normalisation ranges and decision threshold, measured on normal images."""
-
-    signal_ranges: dict[str, list[float]]
-    threshold: float
-    normal_fpr: float
-    num_images: int
-    normal_score_stats: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Calibration:
-        return cls(**data)
 
 
 @dataclass
 class ScoreResult:
     anomaly_maps: np.ndarray  # (B, H, W) float32
     image_scores: np.ndarray  # (B,) float64
-    decisions: np.ndarray  # (B,) bool
+    decisions: np.ndarray  # (B,) bool: image_scores > thresholds
+    thresholds: np.ndarray  # (B,) float64: each image's category threshold (else the global one)
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -169,66 +161,119 @@ class Scorer:
         }
         return self.method.fuse(normalised)
 
-    def score(self, images: np.ndarray, seeds: Sequence[int]) -> ScoreResult:
-        return self.result(self.signals(images, seeds))
+    def score(self, images: np.ndarray, seeds: Sequence[int],
+              categories: Sequence[str] | None = None) -> ScoreResult:
+        """Score uint8 images; ``categories`` (one per image) picks each image's
+        category threshold (unknown categories and None: the global one)."""
+        return self.result(self.signals(images, seeds), categories)
 
-    def score_partial(self, partial: Partial) -> ScoreResult:
+    def score_partial(self, partial: Partial, categories: Sequence[str] | None = None) -> ScoreResult:
         """Score images from the combined partial of all their units (the
         fan-out path: partials computed elsewhere and reduced by image)."""
         with torch.no_grad():
-            return self.result(self.signals_from_partial(partial))
+            return self.result(self.signals_from_partial(partial), categories)
 
-    def result(self, signals: dict[str, torch.Tensor]) -> ScoreResult:
+    def result(self, signals: dict[str, torch.Tensor],
+               categories: Sequence[str] | None = None) -> ScoreResult:
         if self.calibration is None:
             raise RuntimeError("this scorer has no calibration; calibrate the model first")
         maps = self.fuse(signals, self.calibration)
         scores = image_scores(maps, self.cfg.score.image_score_pool)
         scores_np = scores.double().cpu().numpy()
+        thresholds = self.calibration.thresholds_for(categories, len(scores_np))
         return ScoreResult(
             anomaly_maps=maps.float().cpu().numpy(),
             image_scores=scores_np,
-            decisions=scores_np > self.calibration.threshold,
+            decisions=scores_np > thresholds,
+            thresholds=thresholds,
         )
 
 
-def _subsample(values: np.ndarray, limit: int) -> np.ndarray:
-    """A seeded uniform subset (a strided one would align with image columns)."""
-    if values.size <= limit:
-        return values
-    return np.random.default_rng(0).choice(values, size=limit, replace=False)
+# ------------------------------------------------------------------ calibration
+# The two per-batch passes (run by the platform's actor pool and by
+# :func:`calibrate`); the statistics are in :mod:`lotscan.models.calibration`.
 
 
-def calibrate(scorer: Scorer, batches: Iterable[tuple[np.ndarray, Sequence[int]]]) -> Calibration:
-    """Normalisation ranges and threshold from held-out normal images.
+def calibration_pixels(scorer: Scorer, images: np.ndarray, seeds: Sequence[int],
+                       k: int) -> dict[str, np.ndarray]:
+    """Pass 1: a seeded sample of ``k`` pixels of every smoothed raw signal,
+    per image: {signal: (B, k) float32}. Only this batch's maps are held."""
+    signals = scorer.signals(images, seeds)
+    return {name: sample_pixels(signals[name].float().cpu().numpy(), seeds, k, RANGE_STREAM)
+            for name in scorer.method.signal_names}
 
-    Ranges: the configured low/high quantiles of every signal's pixel values.
-    Threshold: the (1 - normal_fpr) quantile of the normal images' scores, so
-    about ``normal_fpr`` of normal images are flagged.
-    """
+
+def calibration_scores(scorer: Scorer, images: np.ndarray, seeds: Sequence[int],
+                       ranges: dict[str, list[float]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2: image scores (B,) float64 under ``ranges``, and a seeded sample of
+    ``k`` fused anomaly-map pixels per image (B, k) for the region threshold."""
+    provisional = Calibration(ranges, threshold=float("inf"), normal_fpr=0.0, num_images=0)
+    with torch.no_grad():
+        maps = scorer.fuse(scorer.signals(images, seeds), provisional)
+        scores = image_scores(maps, scorer.cfg.score.image_score_pool)
+    return (scores.double().cpu().numpy(),
+            sample_pixels(maps.float().cpu().numpy(), seeds, k, REGION_STREAM))
+
+
+def calibrate(scorer: Scorer, batches: Iterable[tuple]) -> Calibration:
+    """Calibrate in this process from held-out normal images (see
+    :mod:`lotscan.models.calibration`; the platform's actor pool runs the same
+    passes in parallel). ``batches`` yields ``(images, seeds)``,
+    ``(images, seeds, categories)`` or ``(images, seeds, categories, keys)``
+    (``keys`` order the split, default the seeds); it is read three times
+    (seeds, pass 1, pass 2), so it must be a collection, not an iterator.
+    Memory: one batch of signal maps at a time plus bounded pixel samples."""
+    if iter(batches) is batches:
+        raise TypeError("calibrate reads the batches more than once: pass a list, not an iterator")
     cfg = scorer.cfg.calibration
-    collected: dict[str, list[torch.Tensor]] = {n: [] for n in scorer.method.signal_names}
-    count = 0
-    for images, seeds in batches:
-        sig = scorer.signals(images, seeds)
-        for name in collected:
-            collected[name].append(sig[name].cpu())
-        count += len(images)
-    if count == 0:
+
+    def unpack(batch):
+        images, seeds = batch[0], [int(s) for s in batch[1]]
+        cats = [str(c) for c in batch[2]] if len(batch) > 2 and batch[2] is not None else [""] * len(seeds)
+        keys = [str(k) for k in batch[3]] if len(batch) > 3 else [str(s) for s in seeds]
+        if not len(images) == len(seeds) == len(cats) == len(keys):
+            raise ValueError("calibrate: images, seeds, categories and keys differ in length")
+        return images, seeds, cats, keys
+
+    keys, cats, shape = [], [], None
+    for batch in batches:
+        images, _, c, k = unpack(batch)
+        keys += k
+        cats += c
+        if len(images):
+            shape = images.shape[1:3]
+    if not keys:
         raise ValueError("calibration needs at least one normal image; none were given")
-    stacked = {name: torch.cat(parts) for name, parts in collected.items()}
-    ranges = {}
-    for name, values in stacked.items():
-        flat = _subsample(values.double().numpy().ravel(), MAX_CALIBRATION_PIXELS)
-        low, high = np.quantile(flat, [cfg.low_quantile, cfg.high_quantile])
-        ranges[name] = [float(low), float(high)]
-    provisional = Calibration(ranges, threshold=float("inf"), normal_fpr=cfg.normal_fpr, num_images=count)
-    maps = scorer.fuse(stacked, provisional)
-    scores = image_scores(maps, scorer.cfg.score.image_score_pool).double().numpy()
-    threshold = float(np.quantile(scores, 1.0 - cfg.normal_fpr))
-    stats = {
-        "min": float(scores.min()),
-        "median": float(np.median(scores)),
-        "max": float(scores.max()),
-        "mean": float(scores.mean()),
-    }
-    return Calibration(ranges, threshold, cfg.normal_fpr, count, stats)
+    to_ranges = split_halves(keys, cats, cfg.range_fraction)
+    shared = not to_ranges.any()  # only single-image categories: both from the same images
+    to_threshold = np.ones_like(to_ranges) if shared else ~to_ranges
+    if shared:
+        to_ranges[:] = True
+    pixels = int(shape[0]) * int(shape[1])
+
+    def selected(mask: np.ndarray):
+        start = 0
+        for batch in batches:
+            images, seeds, c, _ = unpack(batch)
+            pick = np.flatnonzero(mask[start:start + len(seeds)])
+            start += len(seeds)
+            if pick.size:
+                yield images[pick], [seeds[i] for i in pick], [c[i] for i in pick]
+
+    n_ranges = int(to_ranges.sum())
+    k = pixels_per_image(n_ranges, pixels, cfg.max_pixel_sample)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in scorer.method.signal_names}
+    for images, seeds, _ in selected(to_ranges):
+        for name, values in calibration_pixels(scorer, images, seeds, k).items():
+            samples[name].append(values)
+    ranges = ranges_from_samples(samples, cfg)
+    n_threshold = int(to_threshold.sum())
+    k = pixels_per_image(n_threshold, pixels, cfg.max_pixel_sample)
+    scores, categories, regions = [], [], []
+    for images, seeds, c in selected(to_threshold):
+        s, r = calibration_scores(scorer, images, seeds, ranges, k)
+        scores.append(s)
+        categories += c
+        regions += list(r)
+    return finish_calibration(cfg, ranges, n_ranges, np.concatenate(scores), categories, regions,
+                              shared_images=shared)

@@ -9,8 +9,13 @@ backbone) and the networks of earlier stages reach the workers frozen, through
 the object store. Re-running the same command resumes every stage from its
 latest checkpoint; changed settings, data or upstream weights give a new
 fingerprint and a fresh run; ``stages=`` runs some stages and reuses the
-checkpoints of the others. A calibration pass on held-out normal images then
-fixes normalisation ranges and the threshold, and the bundle is written.
+checkpoints of the others. A worker that dies mid-stage is replaced by Ray
+Train (``train.max_failures``) and the stage goes on from its latest
+checkpoint in the same command (``train_loop.py``). The training images are
+decoded once, by CPU tasks, into a few chunks in the object store that every
+worker maps. A distributed calibration pass on the held-out normal images
+(``calibration.py``) then fixes normalisation ranges and thresholds, and the
+bundle is written.
 """
 
 from __future__ import annotations
@@ -18,29 +23,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lotscan.config import LotscanConfig, from_dict
+from lotscan.config import LotscanConfig, StorageConfig
 from lotscan.models.bundle import Bundle
+from lotscan.models.calibration import describe
 from lotscan.models.registry import build_method
-from lotscan.models.scoring import Calibration, Scorer, calibrate, to_model_input
 from lotscan.platform.bundles import save_bundle
-from lotscan.platform.checkpoints import load_checkpoint, load_networks, save_checkpoint
-from lotscan.platform.decode import DecodeBatch, decode_one
+from lotscan.platform.calibration import calibrate_networks
+from lotscan.platform.checkpoints import load_networks
+from lotscan.platform.decode import decode_one
 from lotscan.platform.errors import TrainingError
-from lotscan.platform.images import content_seed
 from lotscan.platform.readers import list_training_rows, split_calibration
 from lotscan.platform.runtime import ensure_ray
 from lotscan.platform.storage import (
@@ -51,132 +64,14 @@ from lotscan.platform.storage import (
     pyarrow_filesystem,
     read_bytes,
 )
+from lotscan.platform.train_loop import train_loop_per_worker
+
+__all__ = ["calibrate_networks", "recalibrate_bundle", "train_bundle", "train_loop_per_worker"]
 
 Log = Callable[[str], None]
 
-
-def _flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    n = images.shape[0]
-    h = torch.rand(n, generator=generator) < 0.5
-    v = torch.rand(n, generator=generator) < 0.5
-    images = torch.where(h.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
-    return torch.where(v.view(-1, 1, 1, 1).to(images.device), images.flip(-2), images)
-
-
-def _stop_everywhere(local_stop: bool, device: torch.device) -> bool:
-    """All workers stop at the same step (else a data-parallel all-reduce hangs).
-    The flag lives on the training device: NCCL reduces only CUDA tensors."""
-    if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([1.0 if local_stop else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-    return local_stop
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One training stage on one Ray Train worker."""
-    cfg = from_dict(loop_config["config"])
-    stage = loop_config["stage"]
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(tc.seed + rank)
-
-    method = build_method(cfg)
-    if loop_config.get("frozen") is not None:
-        # Pretrained networks and those of earlier stages, read-only in this one.
-        # They travel through the object store, so workers on other nodes get them.
-        for name, blob in ray.get(loop_config["frozen"]).items():
-            method.networks[name].load_state_dict(load_safetensors(blob))
-    if loop_config.get("resources") is not None:
-        method.set_training_resources(ray.get(loop_config["resources"]))
-    names = method.stage_networks(stage)
-    nets = {n: method.networks[n] for n in names}
-    params = [p for n in names for p in nets[n].parameters()]
-    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate)
-
-    step = 0
-    resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(folder, nets, optimizer)
-        step = resumed_from = int(state["step"])
-        if rank == 0:
-            print(f"[lotscan train] {stage}: resumed from step {step}", flush=True)
-
-    device = ray.train.torch.get_device()
-    for name in list(nets):
-        nets[name] = ray.train.torch.prepare_model(nets[name])
-    for name, net in method.networks.items():
-        if name not in nets:
-            net.to(device).eval().requires_grad_(False)
-    # Re-home the optimizer state on the training device.
-    for entry in optimizer.state.values():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                entry[key] = value.to(device)
-
-    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank * 7919 + step)
-    shard = ray.train.get_dataset_shard("train")
-    deadline = time.time() + tc.time_budget_minutes * 60.0
-    start, seen, last_log_time, last_log_seen = time.time(), 0, time.time(), 0
-    loss_sum, loss_n = 0.0, 0
-    last_loss = float(state["loss"]) if checkpoint is not None else float("nan")
-    done = step >= tc.max_steps
-
-    def report(final: bool) -> None:
-        nonlocal loss_sum, loss_n, last_log_time, last_log_seen, last_loss
-        now = time.time()
-        rate = (seen - last_log_seen) / max(now - last_log_time, 1e-9) * ctx.get_world_size()
-        if loss_n:
-            last_loss = loss_sum / loss_n
-        metrics = {"step": step, "loss": last_loss, "images_per_s": rate,
-                   "elapsed_s": now - start, "stage": stage}
-        want_ckpt = final or step % tc.checkpoint_every_steps == 0
-        if rank == 0:
-            print(f"[lotscan train] {stage}: step {step}/{tc.max_steps} loss {metrics['loss']:.4f} "
-                  f"{rate:.1f} img/s elapsed {metrics['elapsed_s']:.0f}s", flush=True)
-        if want_ckpt:
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    save_checkpoint(folder, nets, optimizer, {
-                        "step": step, "stage": stage, "loss": metrics["loss"],
-                        "resumed_from_step": resumed_from})
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder)
-                                 if rank == 0 else None)
-        else:
-            ray.train.report(metrics)
-        loss_sum, loss_n, last_log_time, last_log_seen = 0.0, 0, now, seen
-
-    if done:
-        report(final=True)  # an already finished stage re-reports its checkpoint
-        return
-    for net in nets.values():
-        net.train()
-    while not done:
-        batches = 0
-        for batch in shard.iter_torch_batches(batch_size=tc.batch_size, dtypes={"image": torch.uint8}):
-            batches += 1
-            x = to_model_input(batch["image"], device)
-            if method.default_augment_flips if tc.augment_flips is None else tc.augment_flips:
-                x = _flip(x, generator)
-            loss = method.training_loss(stage, nets, x, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            seen += x.shape[0]
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            done = _stop_everywhere(step >= tc.max_steps or time.time() > deadline, device)
-            if done:
-                break
-            if step % tc.log_every_steps == 0 or step % tc.checkpoint_every_steps == 0:
-                report(final=False)
-        if batches == 0:
-            raise RuntimeError("the training data shard of this worker is empty")
-    report(final=True)
+DECODE_CHUNK = 64
+"""Training images per decode task and per object-store chunk."""
 
 
 def _fingerprint(cfg: LotscanConfig, rows: list[dict], method, stage: str,
@@ -193,7 +88,8 @@ def _fingerprint(cfg: LotscanConfig, rows: list[dict], method, stage: str,
              "data_uris": sorted(r["uri"] for r in rows), "upstream": upstream}
     train = {k: v for k, v in cfg.to_dict()["train"].items()
              if k not in ("max_steps", "time_budget_minutes", "log_every_steps",
-                          "checkpoint_every_steps", "num_workers", "use_gpu", "cpus_per_worker")}
+                          "checkpoint_every_steps", "num_workers", "use_gpu", "cpus_per_worker",
+                          "max_failures")}
 
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -216,32 +112,72 @@ def data_fingerprint(rows: list[dict]) -> str:
     return hashlib.sha256("\n".join(sorted(r["uri"] for r in rows)).encode()).hexdigest()[:16]
 
 
-def _decoded_dataset(rows: list[dict], cfg: LotscanConfig, log: Log):
-    """Decode once and keep the images in the object store, so epochs and
-    workers read memory, and the trainers need no CPU for data tasks."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items(rows).map_batches(
-        DecodeBatch(cfg.storage, cfg.data), batch_size=cfg.score.decode_batch_size,
-        batch_format="numpy")
-    ds = ds.materialize()
-    failed = ds.filter(lambda r: bool(r["error"])).take_all()
-    for row in failed:
-        log(f"[lotscan train] skipping unreadable training image: {row['error']}")
-    if failed:
-        ds = ds.filter(lambda r: not r["error"])
-    ds = ds.select_columns(["image"]).materialize()
-    if ds.count() == 0:
+def _decode_chunk(rows: list[dict], storage: StorageConfig, data) -> tuple[np.ndarray, dict]:
+    """Decode training images: (the readable ones, uint8 (n, S, S, 3); their
+    count and the errors of the others)."""
+    images, errors = [], []
+    for row in rows:
+        image, error = decode_one(row["uri"], storage, data)
+        if error:
+            errors.append(error)
+        else:
+            images.append(image)
+    size = data.image_size
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, {"count": len(images), "errors": errors}
+
+
+def decode_training_images(rows: list[dict], cfg: LotscanConfig, log: Log) -> list[ray.ObjectRef]:
+    """Decode every training image once, in parallel CPU tasks, into chunks of
+    at most DECODE_CHUNK images that stay in the object store (one copy; the
+    workers map them). Unreadable images are skipped and logged."""
+    task = ray.remote(num_cpus=1, num_returns=2)(_decode_chunk)
+    pending = [task.remote(rows[i:i + DECODE_CHUNK], cfg.storage, cfg.data)
+               for i in range(0, len(rows), DECODE_CHUNK)]
+    refs, total = [], 0
+    for images_ref, info_ref in pending:
+        info = ray.get(info_ref)
+        for error in info["errors"]:
+            log(f"[lotscan train] skipping unreadable training image: {error}")
+        if info["count"]:
+            refs.append(images_ref)
+            total += info["count"]
+    if total == 0:
         raise ValueError("no readable training images")
-    return ds
+    if total < cfg.train.num_workers:
+        raise TrainingError(f"{total} readable training image(s) for train.num_workers="
+                            f"{cfg.train.num_workers}: every worker needs at least one")
+    return refs
 
 
-def run_stage(cfg: LotscanConfig, stage: str, ds, checkpoint_uri: str, name: str,
-              frozen_ref: Any, resources_ref: Any, log: Log) -> str:
+class FailureLog(UserCallback):
+    """Runs in the Ray Train controller: one line per worker-group failure,
+    saying whether the stage restarts (``train.max_failures``)."""
+
+    def __init__(self, stage: str, max_failures: int):
+        self.stage, self.max_failures, self.failures = stage, max_failures, 0
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        first = next(iter(worker_exceptions.values()), None)
+        reason = f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+        if self.max_failures < 0 or self.failures <= self.max_failures:
+            what = "restarting the workers from the latest checkpoint"
+        else:
+            what = "no restarts left (train.max_failures), giving up"
+        sys.stdout.write(f"[lotscan train] {self.stage}: worker failure {self.failures} "
+                         f"(ranks {sorted(worker_exceptions)}: {reason[:200]}); {what}\n")
+        sys.stdout.flush()
+
+
+def run_stage(cfg: LotscanConfig, stage: str, images: list[ray.ObjectRef], checkpoint_uri: str,
+              name: str, frozen_ref: Any, resources_ref: Any, log: Log) -> str:
     """Run one stage with Ray Train as run ``name`` under ``checkpoint_uri``
     (resuming its latest checkpoint); returns a local folder with the final one."""
     fs, path = pyarrow_filesystem(checkpoint_uri, cfg.storage)
     loop_config = {"config": cfg.to_dict(), "stage": stage, "frozen": frozen_ref,
-                   "resources": resources_ref}
+                   "resources": resources_ref, "images": images,
+                   "run_token": uuid.uuid4().hex}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -252,12 +188,24 @@ def run_stage(cfg: LotscanConfig, stage: str, ds, checkpoint_uri: str, name: str
         run_config=RunConfig(
             name=name, storage_path=path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Ray Train's own INFO lines (each report, each checkpoint) stay in
+            # its log files; lotscan prints the progress and every failure.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[FailureLog(stage, cfg.train.max_failures)],
         ),
-        datasets={"train": ds},
     )
     log(f"[lotscan train] stage {stage}: Ray Train run {name} "
-        f"({cfg.train.num_workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'})")
-    result = trainer.fit()
+        f"({cfg.train.num_workers} worker(s), {'GPU' if cfg.train.use_gpu else 'CPU'}, "
+        f"{cfg.train.precision}, up to {cfg.train.max_failures} restart(s))")
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"stage {stage} failed ({first[:300]}) after the restarts train.max_failures="
+            f"{cfg.train.max_failures} allows; re-run the same command to resume from its "
+            f"latest checkpoint") from err
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage} finished without a checkpoint")
     local = tempfile.mkdtemp(prefix=f"lotscan-{stage}-")
@@ -314,6 +262,10 @@ def reusable_run(checkpoint_uri: str, stage: str, model_fp: str, train_fp: str, 
     return max(dated)[1]  # checkpoint folder names sort by time
 
 
+STAGE_RECORD = ("restarts", "precision", "world_size", "batch_size", "steps_per_s", "images_per_s",
+                "steps_this_attempt")
+"""Checkpoint state entries copied into the bundle's training record per stage."""
+
 MAX_RESOURCE_IMAGES = 2000
 
 
@@ -339,44 +291,12 @@ def _training_resources(method, cfg: LotscanConfig, log: Log) -> dict[str, np.nd
     return out
 
 
-def _calibration_task(cfg_dict: dict, blobs: dict[str, bytes], rows: list[dict]) -> dict:
-    from safetensors.torch import load as load_st
-
-    cfg = from_dict(cfg_dict)
-    if cfg.score.torch_threads > 0:
-        torch.set_num_threads(cfg.score.torch_threads)
-    method = build_method(cfg)
-    for name, blob in blobs.items():
-        method.networks[name].load_state_dict(load_st(blob))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer(method, device=device)
-
-    def batches():
-        bs = cfg.score.batch_size
-        for i in range(0, len(rows), bs):
-            images, seeds = [], []
-            for row in rows[i:i + bs]:
-                image, error = decode_one(row["uri"], cfg.storage, cfg.data)
-                if error:
-                    print(f"[lotscan calibrate] skipping {error}", flush=True)
-                    continue
-                images.append(image)
-                seeds.append(content_seed(image))
-            if images:
-                yield np.stack(images), seeds
-
-    return calibrate(scorer, batches()).to_dict()
-
-
-def calibrate_networks(cfg: LotscanConfig, networks: dict[str, torch.nn.Module],
-                       rows: list[dict]) -> Calibration:
-    """Run calibration as a Ray task (on a GPU when training used them)."""
-    from safetensors.torch import save as save_st
-
-    blobs = {n: save_st({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
-             for n, net in networks.items()}
-    task = ray.remote(_calibration_task).options(num_gpus=1 if cfg.train.use_gpu else 0, num_cpus=1)
-    return Calibration.from_dict(ray.get(task.remote(cfg.to_dict(), blobs, rows)))
+def _calibrate(cfg: LotscanConfig, networks: dict[str, torch.nn.Module], rows: list[dict],
+               log: Log):
+    try:
+        return calibrate_networks(cfg, networks, rows, log)
+    except ValueError as err:  # no readable image, non-finite scores: say so, no traceback
+        raise TrainingError(str(err)) from err
 
 
 def train_bundle(
@@ -417,7 +337,7 @@ def train_bundle(
         log(f"[lotscan train] pretrained {name}: {what}")
     resources = _training_resources(method, cfg, log)
     resources_ref = ray.put(resources) if resources else None
-    ds = None
+    images = None
     started = time.time()
     ready = {n: _state_blob(method.networks[n]) for n in method.pretrained_networks}
     stage_info: dict[str, dict[str, Any]] = {}
@@ -426,10 +346,11 @@ def train_bundle(
         model_fp, train_fp = _fingerprint(cfg, train_rows, method, stage, _upstream_digest(ready))
         name = f"{stage}-{model_fp}-{train_fp}"
         if stages is None or stage in stages:
-            if ds is None:
-                ds = _decoded_dataset(train_rows, cfg, log)
+            if images is None:
+                images = decode_training_images(train_rows, cfg, log)
             frozen_ref = ray.put(ready) if ready else None
-            folder = run_stage(cfg, stage, ds, checkpoint_uri, name, frozen_ref, resources_ref, log)
+            folder = run_stage(cfg, stage, images, checkpoint_uri, name, frozen_ref, resources_ref,
+                               log)
             trained = True
         else:
             try:
@@ -453,10 +374,14 @@ def train_bundle(
             state = json.load(f)
         stage_info[stage] = {"run": name, "trained_now": trained, "steps": int(state["step"]),
                              "resumed_from_step": int(state.get("resumed_from_step", 0)),
-                             "loss": float(state["loss"])}
-        log(f"[lotscan train] stage {stage} done at step {state['step']} (loss {state['loss']:.4f})")
+                             "loss": float(state["loss"]),
+                             **{k: state[k] for k in STAGE_RECORD if k in state}}
+        rate = (f", {state['images_per_s']:.1f} img/s, {state['steps_per_s']:.2f} steps/s"
+                if "images_per_s" in state else "")
+        log(f"[lotscan train] stage {stage} done at step {state['step']} "
+            f"(loss {state['loss']:.4f}{rate})")
     log(f"[lotscan train] calibrating on {len(calib_rows)} held-out normal images")
-    calibration = calibrate_networks(cfg, method.networks, calib_rows)
+    calibration = _calibrate(cfg, method.networks, calib_rows, log)
     last = stage_info[method.stages[-1]]
     training = {
         "data_uri": data_uri,
@@ -473,8 +398,7 @@ def train_bundle(
     }
     bundle = Bundle(method=method, calibration=calibration, training=training)
     model_id = save_bundle(bundle, out_uri, cfg.storage)
-    log(f"[lotscan train] wrote bundle {model_id} to {out_uri} "
-        f"(threshold {calibration.threshold:.4f} at normal FPR {calibration.normal_fpr})")
+    log(f"[lotscan train] wrote bundle {model_id} to {out_uri} ({describe(calibration)})")
     return {"model_id": model_id, "calibration": calibration.to_dict(), "training": training}
 
 
@@ -487,11 +411,10 @@ def recalibrate_bundle(source: Bundle, cfg: LotscanConfig, data_uri: str, out_ur
     _, calib_rows = split_calibration(rows, cfg.data.calibration_fraction)
     method = build_method(cfg, networks=source.method.networks)
     log(f"[lotscan calibrate] {cfg.method}: calibrating on {len(calib_rows)} held-out normal images")
-    calibration = calibrate_networks(cfg, method.networks, calib_rows)
+    calibration = _calibrate(cfg, method.networks, calib_rows, log)
     training = {**source.training, "recalibrated_from": source.model_id,
                 "calibration_images": len(calib_rows)}
     bundle = Bundle(method=method, calibration=calibration, training=training)
     model_id = save_bundle(bundle, out_uri, cfg.storage)
-    log(f"[lotscan calibrate] wrote bundle {model_id} to {out_uri} "
-        f"(threshold {calibration.threshold:.4f})")
+    log(f"[lotscan calibrate] wrote bundle {model_id} to {out_uri} ({describe(calibration)})")
     return {"model_id": model_id, "calibration": calibration.to_dict(), "training": training}
