@@ -63,3 +63,28 @@ def random_bundle(method: str, out: str, root: str, extra: tuple[str, ...] = ())
     save_bundle(Bundle(method=net, calibration=calibration, training={"random": True}), out,
                 cfg.storage)
     return out
+
+
+def briefly_trained_bundle(out: str, train: np.ndarray, calibration_images: np.ndarray,
+                           steps: int = 150, method: str = "recon") -> str:
+    """A tiny denoiser trained in this process for ``steps`` steps on ``train``
+    (uint8 N x H x W x 3), calibrated on ``calibration_images``: enough to have
+    learned what normal brightness looks like."""
+    from lotscan.models.scoring import to_model_input
+
+    cfg = load_config(overrides=TINY_MODEL + [f"method={method}"])
+    torch.manual_seed(0)
+    net = build_method(cfg)
+    optimizer = torch.optim.AdamW(net.networks["denoiser"].parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    net.networks["denoiser"].train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (16,), generator=generator).numpy()
+        loss = net.training_loss("denoiser", net.networks, to_model_input(train[idx], "cpu"), generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seeds = [content_seed(i) for i in calibration_images]
+    calibration = calibrate(Scorer(net), [(calibration_images, seeds)])
+    save_bundle(Bundle(method=net, calibration=calibration), out, cfg.storage)
+    return out

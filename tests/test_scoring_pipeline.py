@@ -84,3 +84,44 @@ def test_fan_out_on_a_local_ray_gives_the_maps_of_in_actor_scoring(dta_bundle, r
     assert (a["decision"] == b["decision"]).all()
     # Which actor takes which chunk depends on timing here; tests/test_multinode.py
     # shows one image's units on two actors of two nodes.
+
+
+def _crops(n, seed, shift=0):
+    from PIL import Image
+    from skimage import data
+
+    photo = data.brick()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        y, x = rng.integers(0, photo.shape[0] - 64, 2)
+        crop = np.clip(photo[y:y + 64, x:x + 64].astype(int) + shift, 0, 255).astype(np.uint8)
+        out.append(np.asarray(Image.fromarray(crop).convert("RGB").resize((32, 32))))
+    return np.stack(out)
+
+
+def _lot(folder, images):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+    return folder
+
+
+def test_a_brighter_lot_raises_a_drift_alarm_and_a_normal_one_does_not(ray_local, tmp_path):
+    """A lighting change shows up as drift against the calibration's normal scores
+    (a denoiser trained briefly on brick crops; lots of unseen crops, one as
+    photographed, one 70 grey levels brighter)."""
+    from pipeline_util import briefly_trained_bundle
+
+    model = briefly_trained_bundle(str(tmp_path / "model"), _crops(200, 5), _crops(60, 1))
+    quiet = {"log": lambda m: None}
+    same = score_lots(model, _lot(str(tmp_path / "lot-a"), _crops(40, 2)), str(tmp_path / "a"), **quiet)
+    bright = score_lots(model, _lot(str(tmp_path / "lot-b"), _crops(40, 2, shift=70)),
+                        str(tmp_path / "b"), **quiet)
+    drift_a = same["summary"]["lots"]["lot-a"]["drift"][""]
+    drift_b = bright["summary"]["lots"]["lot-b"]["drift"][""]
+    assert drift_a["reference_n"] == drift_b["reference_n"] >= 20
+    assert not drift_a["alarm"], drift_a
+    assert drift_b["alarm"] and drift_b["ks"] > 2 * drift_a["ks"], drift_b

@@ -28,20 +28,21 @@ def result_columns(batch: dict[str, np.ndarray], outcomes: dict[int, Any], error
     size = host.cfg.data.image_size
     score = np.full(n, np.nan)
     decision = np.zeros(n, dtype=bool)
+    threshold = np.full(n, float(host.scorer.calibration.threshold))
     heatmap = np.zeros((n, size, size), np.float32)
     error = [str(e) for e in batch["error"]]
     kind = [str(k) for k in batch["error_kind"]]
-    for i, (amap, value, flag) in outcomes.items():
+    for i, (amap, value, flag, cut) in outcomes.items():
         heatmap[i] = amap
         score[i] = value
         decision[i] = bool(flag)
+        threshold[i] = float(cut)
     for i, reason in errors.items():
         error[i] = f"{batch['uri'][i]}: the scorer failed on this image ({reason})"
         kind[i] = PERMANENT
     out = {k: v for k, v in batch.items() if k not in OUTPUT_DROP and not k.startswith("partial.")}
-    threshold = float(host.scorer.calibration.threshold)
     out.update({
-        "score": score, "decision": decision, "threshold": np.full(n, threshold),
+        "score": score, "decision": decision, "threshold": threshold,
         "heatmap": heatmap, "error": np.array(error, dtype=object),
         "error_kind": np.array(kind, dtype=object),
         "score_ms": np.where(np.isfinite(score), per_image_ms, 0.0) if "score_ms" not in batch

@@ -249,10 +249,12 @@ def score_lots(
                 num_units = bundle.method.num_units()
                 per_chunk = units_per_chunk(cfg.score.fanout, n_todo, cfg.score.num_actors,
                                             num_units)
+                calibration = bundle.calibration
                 sink = Sink(out_uri, storage, run_id, cfg.score.heatmap_format,
                             cfg.score.heatmap_png_max, retry,
-                            getattr(bundle.calibration, "region_threshold", None),
-                            cfg.score.region_min_area)
+                            {c: t for c in calibration.categories
+                             if (t := calibration.region_threshold_for(c)) is not None},
+                            calibration.region_threshold, cfg.score.region_min_area)
                 windows = 1 if per_chunk >= num_units else max(
                     1, math.ceil(n_todo / cfg.score.fanout_window_images))
                 if per_chunk < num_units:

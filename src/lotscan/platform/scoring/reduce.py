@@ -38,9 +38,10 @@ class ReduceImages(ScorerHost):
         else:
             partial = {k[len(PARTIAL_PREFIX):]: torch.from_numpy(np.asarray(v).sum(axis=0, keepdims=True))
                        for k, v in group.items() if k.startswith(PARTIAL_PREFIX)}
-            result = self.scorer.score_partial(partial)
+            result = self.scorer.score_partial(partial, categories=[str(group["category"][0])])
             self.check_finite(result.image_scores, group["uri"][:1])
-            outcomes[0] = (result.anomaly_maps[0], result.image_scores[0], result.decisions[0])
+            outcomes[0] = (result.anomaly_maps[0], result.image_scores[0], result.decisions[0],
+                           result.thresholds[0])
         first["score_ms"] = np.array([float(np.sum(group["score_ms"]))])
         actors = ",".join(sorted({str(a) for a in group["actor"]}))
         return result_columns(first, outcomes, {}, 0.0, self, scored_by=actors)

@@ -55,6 +55,7 @@ class Sink:
 
     def __init__(self, out_uri: str, storage: StorageConfig, run_id: str, heatmap_format: str,
                  heatmap_png_max: float, retryable: frozenset[str],
+                 region_thresholds: dict[str, float] | None = None,
                  region_threshold: float | None = None, region_min_area: int = 4):
         self.out_uri = out_uri
         self.storage = storage
@@ -62,12 +63,15 @@ class Sink:
         self.fmt = heatmap_format
         self.png_max = heatmap_png_max
         self.retryable = retryable
+        self.region_thresholds = dict(region_thresholds or {})
         self.region_threshold = region_threshold
         self.region_min_area = region_min_area
 
     def _regions(self, frame: pd.DataFrame, heatmaps: np.ndarray) -> pd.DataFrame:
-        """Defect regions of the flagged images (connected components of the map
-        above the region threshold; the image threshold when the bundle has none)."""
+        """Defect regions of the flagged images: connected components of the map
+        above the region threshold of the image's category (the calibration's
+        global one for other categories; the image threshold when the bundle
+        has none)."""
         from lotscan.platform.regions import find_regions, region_rows
 
         rows = []
@@ -75,7 +79,8 @@ class Sink:
         for i, r in enumerate(frame.itertuples(index=False)):
             if r.error or not r.decision:
                 continue
-            cut = self.region_threshold if self.region_threshold is not None else float(r.threshold)
+            cut = self.region_thresholds.get(str(r.category), self.region_threshold)
+            cut = float(r.threshold) if cut is None else cut
             _, found = find_regions(heatmaps[i], cut, min_area=self.region_min_area)
             counts[i] = len(found)
             rows += [{**row, "lot_id": r.lot_id} for row in region_rows(str(r.image_id), found)]

@@ -46,6 +46,9 @@ class Stats:
     threshold: float
     report_edges: list[float]
     drift_edges: list[float] = field(default_factory=list)
+    """Bin edges of the drift counts (from the calibration's normal scores);
+    ``drift_edges_by_category`` for categories calibrated on their own."""
+    drift_edges_by_category: dict[str, list[float]] = field(default_factory=dict)
     max_flagged: int = rp.REPORT_MAX_FLAGGED
     max_near: int = rp.REPORT_MAX_NEAR
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -59,12 +62,16 @@ class Stats:
     def quantile_edges(self) -> np.ndarray:
         return np.linspace(0.0, max(self.threshold, 1e-12) * QUANTILE_RANGE, QUANTILE_BINS + 1)
 
+    def edges_for(self, category: str) -> list[float]:
+        return self.drift_edges_by_category.get(category, self.drift_edges)
+
     def _group(self, key: str) -> dict[str, Any]:
         if key not in self.groups:
+            category = key.split(SEP)[1]
             self.groups[key] = {"n": 0, "flagged": 0, "sum": 0.0, "min": math.inf,
                                 "max": -math.inf, "hist": [0] * QUANTILE_BINS,
                                 "labels": dict.fromkeys(LABELS.values(), 0),
-                                "drift": [0] * (len(self.drift_edges) + 1)}
+                                "drift": [0] * (len(self.edges_for(category)) + 1)}
         return self.groups[key]
 
     # --- from rows -------------------------------------------------------------
@@ -93,10 +100,11 @@ class Stats:
                 g["hist"] = (np.asarray(g["hist"]) + np.bincount(idx, minlength=QUANTILE_BINS)).tolist()
             for code, name in LABELS.items():
                 g["labels"][name] += int((labels == code).sum())
-            if self.drift_edges:
+            edges_here = self.edges_for(cat)
+            if edges_here:
                 normal = scores[labels != 1]  # presumably normal: not labelled defective
                 g["drift"] = (np.asarray(g["drift"])
-                              + drift_stats.bin_counts(normal, self.drift_edges)).tolist()
+                              + drift_stats.bin_counts(normal, edges_here)).tolist()
         scores = scores_all.to_numpy(float)
         labels = labels_all.to_numpy()
         for code, name in LABELS.items():
@@ -223,10 +231,11 @@ def _sum(groups: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(stats: Stats, model: dict[str, Any], out_uri: str, input_uris: list[str],
-              reference_counts: list[int] | None, lotscan_version: str,
+              reference_counts: list[int] | dict[str, list[int]] | None, lotscan_version: str,
               generated_at: str) -> dict[str, Any]:
     """``summary.json`` from merged stats (schema: :mod:`lotscan.platform.report`).
-    ``reference_counts``: the calibration scores counted in ``stats.drift_edges``."""
+    ``reference_counts``: the calibration scores counted in ``stats.drift_edges``
+    (or per category in its edges, with ``""`` for the global reference)."""
     expected = rp._float(model.get("normal_fpr"))
     edges = stats.quantile_edges()
     tree: dict[str, dict[str, dict[str, dict]]] = {}
@@ -250,8 +259,10 @@ def summarize(stats: Stats, model: dict[str, Any], out_uri: str, input_uris: lis
             entry["defect_types"] = {dt: _group_summary(g, 0, edges, expected)
                                      for dt, g in sorted(dts.items())}
             categories[cat] = entry
-            if reference_counts and merged["drift"] is not None and merged["n"]:
-                drift[cat] = drift_stats.drift_from_counts(merged["drift"].tolist(), reference_counts)
+            reference = reference_counts.get(cat, reference_counts.get("")) \
+                if isinstance(reference_counts, dict) else reference_counts
+            if reference and merged["drift"] is not None and merged["n"]:
+                drift[cat] = drift_stats.drift_from_counts(merged["drift"].tolist(), reference)
         everything += in_lot
         lot_failed = sum(v for (lt, _), v in failed.items() if lt == lot)
         lots[lot] = {**_group_summary(_sum(in_lot), lot_failed, edges, expected),

@@ -74,26 +74,30 @@ def _aggregate(merged: Stats, result_files: list[str], failure_files: list[str],
     return merged
 
 
-def reference_scores(calibration) -> list[float]:
-    """The bundle's held-out normal image scores (empty when it stores none)."""
-    return [float(s) for s in (getattr(calibration, "normal_scores", None) or [])]
-
-
 def build_summary(out_uri: str, bundle: Bundle, model_uri: str, input_uris: list[str]) -> dict[str, Any]:
     cfg, calibration = bundle.config, bundle.calibration
     storage = cfg.storage
     threshold = float(calibration.threshold)
-    reference = reference_scores(calibration)
-    edges = drift_stats.bin_edges(reference).tolist() if reference else []
-    stats = Stats(threshold=threshold, report_edges=rp.histogram_edges([threshold]),
-                  drift_edges=edges, max_flagged=cfg.score.report_max_flagged)
+    by_category = {c: calibration.threshold_for(c) for c in calibration.categories}
+    # Drift references: the held-out normal scores, per category where calibrated so.
+    references = {"": list(calibration.normal_scores)}
+    references.update({c: calibration.normal_scores_for(c) for c in calibration.categories})
+    references = {c: r for c, r in references.items() if r}
+    edges = {c: drift_stats.bin_edges(r).tolist() for c, r in references.items()}
+    stats = Stats(threshold=threshold,
+                  report_edges=rp.histogram_edges([threshold, *by_category.values()]),
+                  drift_edges=edges.get("", []),
+                  drift_edges_by_category={c: e for c, e in edges.items() if c},
+                  max_flagged=cfg.score.report_max_flagged)
     stats = _aggregate(stats, st.list_files(results_dir(out_uri), storage, suffixes=(".parquet",)),
                        st.list_files(failures_dir(out_uri), storage, suffixes=(".parquet",)), storage)
     model = {"method": cfg.method, "model_id": bundle.model_id, "model_uri": model_uri,
              "threshold": threshold, "normal_fpr": float(calibration.normal_fpr),
              "calibration_images": int(calibration.num_images),
-             "threshold_images": int(getattr(calibration, "threshold_images", calibration.num_images))}
-    counts = drift_stats.bin_counts(reference, edges).tolist() if reference else None
+             "threshold_images": int(calibration.threshold_images or calibration.num_images)}
+    if by_category:
+        model["thresholds_by_category"] = by_category
+    counts = {c: drift_stats.bin_counts(references[c], e).tolist() for c, e in edges.items()}
     return summarize(stats, model, out_uri, input_uris, counts, lotscan.__version__,
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -122,7 +126,7 @@ def attach_regions(summary: dict[str, Any], out_uri: str, storage) -> None:
         row["regions"] = rp._jsonable(by_image.get(row["image_id"], []))
 
 
-def _cards_batch(batch: pd.DataFrame, cfg_storage, data_cfg, region_threshold) -> pd.DataFrame:
+def _cards_batch(batch: pd.DataFrame, cfg_storage, data_cfg, calibration) -> pd.DataFrame:
     from lotscan.platform.images import decode_image
 
     out = {"image_id": [], "image_png": [], "overlay_png": []}
@@ -133,7 +137,8 @@ def _cards_batch(batch: pd.DataFrame, cfg_storage, data_cfg, region_threshold) -
             heatmap = read_heatmap(row["heatmap_uri"], cfg_storage, row.get("heatmap_max") or np.nan)
         except Exception:  # the report must not fail on one unreadable image
             continue
-        card = rp.card_images(image, heatmap, float(row["threshold"]), region_threshold)
+        card = rp.card_images(image, heatmap, float(row["threshold"]),
+                              calibration.region_threshold_for(str(row.get("category") or "")))
         out["image_id"].append(row["image_id"])
         out["image_png"].append(card["image_png"])
         out["overlay_png"].append(card["overlay_png"])
@@ -148,9 +153,8 @@ def cards(summary: dict[str, Any], bundle: Bundle, limit: int) -> dict[str, dict
     if not rows:
         return {}
     cfg = bundle.config
-    region = getattr(bundle.calibration, "region_threshold", None)
     task = ray.remote(_cards_batch).options(num_cpus=0.5)
-    frames = ray.get([task.remote(pd.DataFrame(rows[i:i + 16]), cfg.storage, cfg.data, region)
+    frames = ray.get([task.remote(pd.DataFrame(rows[i:i + 16]), cfg.storage, cfg.data, bundle.calibration)
                       for i in range(0, len(rows), 16)])
     return {r["image_id"]: {"image_png": r["image_png"], "overlay_png": r["overlay_png"]}
             for frame in frames for r in frame.to_dict("records")}

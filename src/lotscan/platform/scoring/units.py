@@ -170,10 +170,11 @@ class ScoreImages(ScorerHost):
         start = time.perf_counter()
 
         def call(rows: list[int]) -> list[Any]:
-            result = self.scorer.score(batch["image"][rows], [int(batch["seed"][i]) for i in rows])
+            result = self.scorer.score(batch["image"][rows], [int(batch["seed"][i]) for i in rows],
+                                       categories=[str(batch["category"][i]) for i in rows])
             self.check_finite(result.image_scores, batch["uri"][rows])
-            return [(result.anomaly_maps[j], result.image_scores[j], result.decisions[j])
-                    for j in range(len(rows))]
+            return [(result.anomaly_maps[j], result.image_scores[j], result.decisions[j],
+                     result.thresholds[j]) for j in range(len(rows))]
 
         outcomes, errors = score_or_bisect(call, ok) if ok else ({}, {})
         per_image_ms = (time.perf_counter() - start) * 1000.0 / max(1, len(ok))
