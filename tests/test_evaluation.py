@@ -22,7 +22,7 @@ from lotscan.platform.evaluation import (
     markdown_table,
 )
 from lotscan.platform.images import encode_png
-from lotscan.platform.lot_scoring import RESULT_COLUMNS, heatmap_bytes, write_rows
+from lotscan.platform.scoring.outputs import RESULT_COLUMNS, heatmap_bytes, write_table
 
 
 def _case():
@@ -156,7 +156,10 @@ def _write_run(root: str, storage: StorageConfig) -> str:
                      "method": "recon", "model_id": "m1", "heatmap_uri": heat,
                      "heatmap_max": float("nan"), "decode_ms": 0.0, "score_ms": 0.0,
                      "scored_at": "2026-01-01T00:00:00Z", "error": ""})
-    write_rows(pd.DataFrame(rows, columns=RESULT_COLUMNS + ["error"]), out, storage)
+    frame = pd.DataFrame(rows)
+    for lot, part in frame.groupby("lot_id"):
+        write_table(part, RESULT_COLUMNS, os.path.join(out, "results", f"lot={lot}", "part-0.parquet"),
+                    storage)
     return out
 
 

@@ -19,7 +19,7 @@ from lotscan.jobs.cli import main
 from lotscan.models.bundle import BundleError
 from lotscan.platform import storage as st
 from lotscan.platform.bundles import open_bundle, save_bundle
-from lotscan.platform.lot_scoring import read_table, score_lots
+from lotscan.platform.scoring import read_table, score_lots
 from lotscan.platform.training import train_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

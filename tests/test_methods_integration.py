@@ -14,7 +14,7 @@ from lotscan.models.registry import build_method
 from lotscan.platform.bundles import open_bundle
 from lotscan.platform.errors import TrainingError
 from lotscan.platform.evaluation import evaluate_run
-from lotscan.platform.lot_scoring import read_table, score_lots
+from lotscan.platform.scoring import read_table, score_lots
 from lotscan.platform.training import train_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -321,10 +321,3 @@ def test_report_without_anything():
     assert "No lots in this output." in page
 
 
-def test_legacy_call_of_the_old_pipeline_still_renders():
-    results, failures = _results(), _failures()
-    summary = lot_summary(results, failures, MODEL, "s3://out/run1")
-    worst = [{"uri": "s3://b/A/3.png", "score": 0.9, "decision": True, "label": 1,
-              "image_png": card_images(_image(16, 16), np.zeros((16, 16)), 0.5)["image_png"]}]
-    page = render_report(summary, results, failures, worst)
-    assert page.count("<img ") == 1

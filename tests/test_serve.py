@@ -78,11 +78,11 @@ def free_port() -> int:
 
 def batch_job_scores(model_uri: str, overrides: dict, paths: list[str], out_uri: str) -> dict:
     """Scores (and heatmaps) of ``paths`` through the batch job's own stages:
-    DecodeBatch then ScoreBatch, called directly (no Ray Data needed)."""
+    DecodeBatch then the scoring actor's ScoreImages, called directly (no Ray Data)."""
     from lotscan.platform.decode import DecodeBatch
-    from lotscan.platform.lot_scoring import ScoreBatch, read_heatmap
+    from lotscan.platform.scoring.units import ScoreImages
 
-    scorer = ScoreBatch(model_uri, overrides, out_uri)
+    scorer = ScoreImages(model_uri, overrides)
     n = len(paths)
     rows = {
         "uri": np.array(paths, dtype=object),
@@ -93,10 +93,9 @@ def batch_job_scores(model_uri: str, overrides: dict, paths: list[str], out_uri:
         "defect_type": np.array([""] * n, dtype=object),
         "mask_uri": np.array([""] * n, dtype=object),
     }
-    out = scorer(DecodeBatch(scorer.storage, scorer.cfg.data)(rows))
+    out = scorer(DecodeBatch(scorer.cfg.storage, scorer.cfg.data)(rows))
     assert list(out["error"]) == [""] * n
-    return {p: (float(out["score"][i]), read_heatmap(out["heatmap_uri"][i], scorer.storage))
-            for i, p in enumerate(paths)}
+    return {p: (float(out["score"][i]), np.asarray(out["heatmap"][i])) for i, p in enumerate(paths)}
 
 
 def error_of(response: httpx.Response) -> dict:

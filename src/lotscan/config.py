@@ -47,6 +47,19 @@ class StorageConfig:
     ``AWS_ENDPOINT_URL`` from the environment, else AWS itself."""
     region: str | None = None
     anon: bool = False
+    max_attempts: int = 5
+    """Attempts per S3 request inside botocore (its ``adaptive`` retry mode:
+    exponential backoff, and a client-side rate limit after throttling)."""
+    retry_attempts: int = 3
+    """Attempts of a whole storage operation (read, write, list) by lotscan when
+    it still fails with a transient error (5xx, SlowDown, timeouts, connection
+    resets) after botocore's own retries. With both defaults a request failing
+    30 % of the time fails an operation about once in 10^8."""
+    retry_backoff_s: float = 0.5
+    """First pause between lotscan's attempts; doubled each time (with jitter,
+    at most 20 s)."""
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
     allowed_buckets: list[str] = field(default_factory=list)
     """Buckets (plain names, no ``s3://``, no prefix) that ``s3://`` URIs may
     name; empty (the default, for a laptop) allows any. The environment variable
@@ -586,13 +599,61 @@ class ScoreConfig:
     the cap. Chosen: 8 measured fastest per image-unit on 2 CPU cores at 64 px
     (raise it on a GPU, e.g. 64-256)."""
     num_actors: int = 1
-    """Size of the scoring actor pool."""
+    """Most scoring actors (each holds the model once); the pool grows from
+    ``min_actors`` to this as work waits (Ray Data's actor autoscaling)."""
+    min_actors: int | None = None
+    """Fewest scoring actors; ``None``: ``num_actors`` (a fixed pool)."""
     num_gpus_per_actor: float | None = None
-    """``None``: 1 when the Ray cluster has GPUs, else 0 (CPU actors)."""
+    """``None``: 1 when the Ray cluster has GPUs, else 0 (CPU actors). A
+    fraction (e.g. 0.25) packs several actors of a small model on one GPU."""
+    num_cpus_per_actor: float | None = None
+    """CPU reserved by each scoring actor; ``None``: 1 on CPU-only clusters,
+    0.5 beside a GPU."""
+    actor_start_timeout_s: float = 600.0
+    """How long a run waits for its first ``min_actors`` scoring actors (model
+    loaded, probe image scored) before it starts handing out work; a pool that
+    cannot start in this time is an error naming what each actor asks for."""
+    max_tasks_in_flight_per_actor: int = 2
+    """Batches queued at each actor, so the next batch is already there when
+    one finishes (2 hides the hand-over; more only holds memory)."""
     torch_threads: int = 0
     """Intra-op threads of each scoring actor; 0 keeps Ray's default (the
     actor's CPU share). Raise it on CPU-only machines with idle cores."""
+    fanout: int | str | bool = "auto"
+    """How an image's work units are spread: ``off`` (YAML reads a bare ``off``
+    as false, which means the same; one actor runs all units
+    of an image), an integer (units per chunk row: an image's chunks go to
+    different actors and are reduced by image afterwards), or ``auto`` (fan
+    out only when the lot has too few images to keep every actor busy: about
+    two chunks per actor). Every mode gives the same heatmaps to float
+    rounding (tests/test_scoring_pipeline.py)."""
+    fanout_window_images: int = 4096
+    """Fan-out reduces by image with a shuffle; images are shuffled this many
+    at a time (windows hashed on image id) so the partials in flight stay
+    bounded (about 200 KB per chunk for DTA at 64 px)."""
+    reduce_actors: int = 1
+    """CPU actors that add up fan-out partials and finalize images."""
     decode_batch_size: int = 16
+    decode_num_cpus: float = 1.0
+    """CPU of each decode task (reading, checking and resizing images)."""
+    write_batch_size: int = 128
+    """Rows per result part file written by the CPU write tasks (also the
+    granularity of progress and of work lost to a killed driver)."""
+    write_num_cpus: float = 0.5
+    lease_ttl_s: float = 120.0
+    """A run holds its output's lease by a heartbeat every ttl/4 s; a killed
+    run's lease is free this long after its last heartbeat (at once for a dead
+    process on the same host)."""
+    lease_wait_s: float = 0.0
+    """How long a run waits for another run's lease on the same output; 0
+    refuses at once with the holder named."""
+    resume_broadcast_max_ids: int = 5_000_000
+    """Resume drops done images with a broadcast of their ids up to this many
+    (16 bytes each per task); above, with a hash-partitioned anti-join."""
+    max_retryable_fraction: float = 0.5
+    """Stop the run when more than this share of the images in a run's
+    first 200 ends as retryable failures (storage is down: recording every
+    image as retryable helps nobody)."""
     smoothing_kernel: int | None = None
     """Side of the mean filter applied to every per-pixel signal before
     normalisation (1 disables it). ``None``: the method's default
@@ -607,6 +668,11 @@ class ScoreConfig:
     """Normalised score mapped to 65535 in 16-bit PNG heatmaps."""
     report_top_k: int = 12
     """Worst images shown with overlays in the HTML report."""
+    report_max_flagged: int = 200
+    """Flagged rows kept (with a card each) in summary.json and the report;
+    how many more there are is given (every one is in the results table)."""
+    region_min_area: int = 4
+    """Smallest defect region kept, in heatmap pixels (a 2 x 2 blob at 64 px)."""
 
 
 @dataclass
@@ -830,6 +896,28 @@ class LotscanConfig:
             (self.score.batch_size >= 1, "score.batch_size", "must be >= 1"),
             (self.score.max_units_per_pass >= 1, "score.max_units_per_pass", "must be >= 1"),
             (self.score.num_actors >= 1, "score.num_actors", "must be >= 1"),
+            (self.score.min_actors is None or 1 <= self.score.min_actors <= self.score.num_actors,
+             "score.min_actors", "must be in [1, score.num_actors] (or null)"),
+            (self.score.num_cpus_per_actor is None or self.score.num_cpus_per_actor > 0,
+             "score.num_cpus_per_actor", "must be > 0 (or null)"),
+            (self.score.actor_start_timeout_s > 0, "score.actor_start_timeout_s", "must be > 0"),
+            (self.score.max_tasks_in_flight_per_actor >= 1, "score.max_tasks_in_flight_per_actor",
+             "must be >= 1"),
+            (self.score.fanout is False or self.score.fanout in ("off", "auto") or (
+                type(self.score.fanout) is int and self.score.fanout >= 1),
+             "score.fanout", "must be off, auto or a number of units per chunk >= 1"),
+            (self.score.fanout_window_images >= 1, "score.fanout_window_images", "must be >= 1"),
+            (self.score.reduce_actors >= 1, "score.reduce_actors", "must be >= 1"),
+            (self.score.decode_num_cpus > 0 and self.score.write_num_cpus > 0,
+             "score.decode_num_cpus/write_num_cpus", "must be > 0"),
+            (self.score.write_batch_size >= 1, "score.write_batch_size", "must be >= 1"),
+            (self.score.lease_ttl_s > 0 and self.score.lease_wait_s >= 0,
+             "score.lease_ttl_s/lease_wait_s", "need ttl > 0 and wait >= 0"),
+            (self.score.resume_broadcast_max_ids >= 0, "score.resume_broadcast_max_ids", "must be >= 0"),
+            (0 < self.score.max_retryable_fraction <= 1, "score.max_retryable_fraction",
+             "must be in (0, 1]"),
+            (self.score.report_max_flagged >= 1, "score.report_max_flagged", "must be >= 1"),
+            (self.score.region_min_area >= 1, "score.region_min_area", "must be >= 1"),
             (self.score.smoothing_kernel is None
              or (self.score.smoothing_kernel >= 1 and self.score.smoothing_kernel % 2 == 1),
              "score.smoothing_kernel", "must be an odd number >= 1, or null for the method's default"),
@@ -841,6 +929,11 @@ class LotscanConfig:
                 "calibration.low_quantile/high_quantile",
                 "need 0 <= low < high <= 1",
             ),
+            (self.storage.max_attempts >= 1, "storage.max_attempts", "must be >= 1"),
+            (self.storage.retry_attempts >= 1, "storage.retry_attempts", "must be >= 1"),
+            (self.storage.retry_backoff_s >= 0, "storage.retry_backoff_s", "must be >= 0"),
+            (self.storage.connect_timeout_s > 0 and self.storage.read_timeout_s > 0,
+             "storage.connect_timeout_s/read_timeout_s", "must be > 0"),
             (all(isinstance(b, str) and _BUCKET_NAME.fullmatch(b) for b in self.storage.allowed_buckets),
              "storage.allowed_buckets",
              "entries must be bucket names (3-63 lowercase letters, digits, '.', '-'; no s3://, no prefix)"),

@@ -297,7 +297,14 @@ def test_model_replica_killed_under_load(chaos):
     assert recovered(results), counts  # replaced within the bound
     lost = [r for _, s, r in results if s == 503 and r.json()["error"]["code"] == "not_ready"]
     assert lost, counts  # the requests in flight on the dead replica: 503, not 500
-    ready = httpx.get(f"{chaos['url']}/readyz", timeout=10)
+    # The controller marks the deployment healthy again a little after the new
+    # replica answers: readiness follows within a few health-check periods.
+    deadline = time.monotonic() + 30
+    while True:
+        ready = httpx.get(f"{chaos['url']}/readyz", timeout=10)
+        if ready.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert ready.status_code == 200 and ready.json()["replicas"] == 1, ready.text
 
 

@@ -42,6 +42,8 @@ USER_ERRORS = (
     ("lotscan.platform.storage", "StorageError"),
     ("lotscan.platform.evaluation", "EvaluationError"),
     ("lotscan.platform.errors", "TrainingError"),
+    ("lotscan.platform.scoring.faults", "ScoringError"),
+    ("lotscan.platform.scoring.lease", "LeaseError"),
 )
 
 

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     from lotscan.platform.demo_data import make_demo_dataset
     from lotscan.platform.evaluation import evaluate_run, markdown_table
-    from lotscan.platform.lot_scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
+    from lotscan.platform.scoring import score_lots
     from lotscan.platform.training import train_bundle
 
     workdir = os.path.abspath(args.workdir)

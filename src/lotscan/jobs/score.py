@@ -15,17 +15,29 @@ production lot), or a manifest (.parquet/.csv with `uri` and optional lot_id,
 category, label, mask_uri).
 
 OUT_URI receives results/lot=<lot>/*.parquet (score, decision, threshold,
-model, heatmap URI, timings per image), heatmaps/, failures/*.parquet (images
-that could not be read, with the reason), summary.json and report.html.
-Re-running the same command finishes a partial run and never duplicates a row.
+model, heatmap URI, regions, timings, and any extra manifest columns),
+heatmaps/, regions/, failures/ (images that could not be read, with the
+reason; failures/retryable/ holds those storage kept failing on: every re-run
+tries them again), summary.json and report.html.
+
+Re-running the same command finishes a partial run and never duplicates a row:
+each image ends with exactly one row in results or failures, for any reader of
+the files. One run at a time writes an output (a lease: a second run is
+refused, or waits --set score.lease_wait_s=SECONDS). --retry-failed also
+re-scores the permanent failures (after fixing a bundle or a decoder).
+
+Storage errors are retried (botocore's adaptive retries, then lotscan's own,
+storage.retry_attempts); a model that gives non-finite scores stops the run
+with exit status 2 and records nothing for its batch.
 
 The model bundle, the input, the output and every override are checked before
 Ray starts. Ray's own logs go to a file unless --verbose.
 
 Operational settings may be overridden with --config/--set: storage.*,
-score.batch_size, num_actors, num_gpus_per_actor, torch_threads,
-decode_batch_size, heatmap_format, heatmap_png_max, report_top_k and
-data.max_image_pixels/bytes. Everything the calibration depends on (method,
+score.batch_size, max_units_per_pass, num_actors, min_actors,
+num_gpus_per_actor, num_cpus_per_actor, fanout (off | auto | units per chunk),
+torch_threads, write_batch_size, lease_* and the report's caps, and
+data.max_image_pixels/bytes (docs/scoring.md lists them all). Everything the calibration depends on (method,
 networks, sweep, smoothing, pooling) is fixed by the bundle: make a new bundle
 with `lotscan calibrate` to change it.
 
@@ -44,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only these categories (repeatable)")
     p.add_argument("--out", required=True, metavar="OUT_URI", help="where results are written")
     p.add_argument("--lot-id", metavar="ID", help="lot id for every row (default: from the input)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also re-score images whose failure was permanent (corrupt, unsupported...)")
     add_config_args(p)
     p.set_defaults(run=run)
 
@@ -59,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, storage)
     check_bundle(args.model, overrides)  # the overrides against the bundle's rules
 
-    from lotscan.platform.lot_scoring import score_lots
     from lotscan.platform.runtime import ensure_ray
+    from lotscan.platform.scoring import score_lots
 
     ensure_ray(args.ray_address)
     score_lots(args.model, args.input, args.out, overrides=overrides, categories=args.category,
-               lot_id=args.lot_id)
+               lot_id=args.lot_id, retry_failed=args.retry_failed)
     return 0

@@ -55,8 +55,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 SCORING_OVERRIDES: dict[str, set[str] | None] = {
     "storage": None,  # any field: storage is where this deployment runs
     "train": None,  # ignored when scoring
-    "score": {"batch_size", "max_units_per_pass", "num_actors", "num_gpus_per_actor", "torch_threads",
-              "decode_batch_size", "heatmap_format", "heatmap_png_max", "report_top_k"},
+    "score": {"batch_size", "max_units_per_pass", "num_actors", "min_actors", "num_gpus_per_actor", "num_cpus_per_actor",
+              "max_tasks_in_flight_per_actor", "actor_start_timeout_s", "torch_threads", "fanout", "fanout_window_images",
+              "reduce_actors", "decode_batch_size", "decode_num_cpus", "write_batch_size",
+              "write_num_cpus", "lease_ttl_s", "lease_wait_s", "resume_broadcast_max_ids",
+              "max_retryable_fraction", "heatmap_format", "heatmap_png_max", "report_top_k",
+              "report_max_flagged", "region_min_area"},
     "data": {"max_image_pixels", "max_image_bytes"},
     "serve": None,  # any field: how the endpoint runs, not what it computes
 }

@@ -33,7 +33,7 @@ from PIL import Image
 from lotscan.config import DataConfig, StorageConfig
 from lotscan.models.metrics import evaluate_all
 from lotscan.platform.images import IMAGE_FORMATS, decode_mask
-from lotscan.platform.lot_scoring import read_heatmap, read_table
+from lotscan.platform.scoring.outputs import read_heatmap, read_table
 from lotscan.platform.storage import join, read_bytes, write_bytes
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "au_pro")

@@ -733,9 +733,8 @@ def _pages(items: list, size: int) -> list[dict[str, Any]]:
 
 
 def render_report(summary: Mapping[str, Any],
-                  cards: Mapping[str, Mapping[str, bytes]] | pd.DataFrame | None = None,
-                  trend: list[dict[str, Any]] | pd.DataFrame | None = None,
-                  *legacy: Any) -> str:
+                  cards: Mapping[str, Mapping[str, bytes]] | None = None,
+                  trend: list[dict[str, Any]] | None = None) -> str:
     """One self-contained HTML page for a scoring run.
 
     ``summary``: :func:`lot_summary`'s dict (or the pipeline's, same schema).
@@ -743,16 +742,7 @@ def render_report(summary: Mapping[str, Any],
     for the flagged and near-threshold rows (rows without a card show their
     facts only). ``trend``: :func:`trend_rows` over this and earlier summaries
     (default: this summary's lots).
-
-    Transitional: the pre-``scoring`` pipeline calls ``render_report(summary,
-    results_df, failures_df, worst)``; that form still works (cards from
-    ``worst``, matched to rows by URI) until lot_scoring.py is replaced.
     """
-    if isinstance(cards, pd.DataFrame):
-        results, worst = cards, (legacy[0] if legacy else [])
-        ids = dict(zip(_keys(results, "uri"), _keys(results, "image_id"), strict=True))
-        cards = {ids.get(str(w.get("uri")), str(w.get("uri"))): w for w in worst}
-        trend = None
     cards = cards or {}
     trend = trend_rows(summary) if trend is None else list(trend)
     model = {**dict.fromkeys(MODEL_KEYS), **(summary.get("model") or {})}

@@ -35,8 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import lotscan
 from lotscan.config import from_dict
 from lotscan.platform.images import content_seed, decode_image
-from lotscan.platform.lot_scoring import heatmap_bytes
 from lotscan.platform.report import overlay_png
+from lotscan.platform.scoring.outputs import heatmap_bytes
 from lotscan.platform.serve.auth import check_bearer
 from lotscan.platform.serve.errors import (
     ERROR_RESPONSES,

@@ -1,0 +1,124 @@
+"""Resume: drop the images that already have a final row under the output.
+
+An image is *done* when it has a result row or a permanent failure row;
+retryable failures (storage kept failing) are tried again by every run, and
+``--retry-failed`` tries permanent failures again too. Two ways to drop the
+done images from the listed rows, both in Ray Data, neither through the
+driver:
+
+- **broadcast filter** (folders, MVTec roots): the done ids are read by Ray
+  tasks into sorted arrays in the object store and every listing block drops
+  its done rows with a binary search. Cheap and fixed-cost; it needs the done
+  ids of the whole output in each task's memory (16 bytes an image: 16 MB for
+  a million), so beyond ``score.resume_broadcast_max_ids`` the join below is
+  used instead.
+- **anti-join** (manifests, or many done ids): ``Dataset.join(...,
+  "left_anti")`` hash-partitions both sides by image id; a manifest may list
+  an image twice, and since each image id lands in exactly one partition,
+  repeats are dropped there too. A shuffle: seconds of fixed cost, then it
+  scales with the cluster.
+
+Ray Data's own checkpointing (``ray.data.checkpoint``) was judged and not
+used: it keeps its own record of finished ids beside our results (two sources
+of truth to keep consistent), it filters only at read datasources, and it
+loads every finished id into memory anyway.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray
+
+from lotscan.config import StorageConfig
+from lotscan.platform import storage as st
+from lotscan.platform.scoring.outputs import (
+    failures_dir,
+    results_dir,
+    retryable_dir,
+)
+
+ID_DTYPE = "S16"
+
+
+def _parquet_files(folder: str, storage: StorageConfig, recursive: bool) -> list[str]:
+    return st.list_files(folder, storage, suffixes=(".parquet",), recursive=recursive)
+
+
+def _read_ids(files: list[str], storage: StorageConfig) -> ray.data.Dataset | None:
+    if not files:
+        return None
+    fs, _ = st.pyarrow_filesystem(files[0], storage)
+    paths = [st.pyarrow_filesystem(f, storage)[1] for f in files]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=["image_id"],
+                                 partitioning=None)
+
+
+def result_ids(out_uri: str, storage: StorageConfig) -> ray.data.Dataset | None:
+    """Ids of the images with a result row, as a lazy dataset (``None``: none)."""
+    return _read_ids(_parquet_files(results_dir(out_uri), storage, recursive=True), storage)
+
+
+def permanent_failure_files(out_uri: str, storage: StorageConfig) -> list[str]:
+    return _parquet_files(failures_dir(out_uri), storage, recursive=False)
+
+
+def retryable_ids(out_uri: str, storage: StorageConfig) -> list[str]:
+    """Ids of the images with a retryable failure row (one small file each; few)."""
+    return [posixpath.basename(u)[: -len(".parquet")]
+            for u in _parquet_files(retryable_dir(out_uri), storage, recursive=False)]
+
+
+def _sorted_ids(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ids = np.sort(np.asarray(batch["image_id"]).astype(ID_DTYPE))
+    return {"ids": ids}
+
+
+def id_refs(done: ray.data.Dataset) -> tuple[list[Any], int]:
+    """(object refs of sorted id arrays, count), computed by Ray tasks."""
+    arrays = done.map_batches(_sorted_ids, batch_format="numpy", batch_size=None).materialize()
+    refs = [ref for ref in arrays.to_numpy_refs(column="ids")]
+    return refs, arrays.count()
+
+
+def drop_done_batch(batch: pd.DataFrame, refs: list[Any]) -> pd.DataFrame:
+    """``map_batches`` function: drop rows whose image id is in the broadcast id
+    arrays, and rows repeating an id earlier in the same block."""
+    parts = [np.asarray(a) for a in ray.get(refs)] if refs else []
+    done = np.sort(np.concatenate(parts)) if parts else np.zeros(0, ID_DTYPE)
+    if len(batch):
+        ids = batch["image_id"].to_numpy().astype(ID_DTYPE)
+        keep = ~batch["image_id"].duplicated().to_numpy()
+        if done.size:
+            pos = np.clip(np.searchsorted(done, ids), 0, done.size - 1)
+            keep &= done[pos] != ids
+        batch = batch[keep]
+    return batch
+
+
+def _dedupe_block(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch.drop_duplicates("image_id", keep="first")
+
+
+def drop_done(rows: ray.data.Dataset, refs: list[Any], n_done: int, method: str,
+              num_partitions: int, broadcast_max_ids: int) -> ray.data.Dataset:
+    """Rows without the done ones. ``refs`` are object refs of sorted id arrays
+    (:func:`id_refs`); ``method`` is ``broadcast`` or ``join`` (a broadcast of more
+    than ``broadcast_max_ids`` ids switches to the join)."""
+    if method == "join" or n_done > broadcast_max_ids:
+        if refs:
+            right = ray.data.from_numpy_refs(refs).map_batches(
+                lambda b: {"image_id": np.asarray(b["data"]).astype(str).astype(object)},
+                batch_format="numpy")
+        else:
+            right = ray.data.from_arrow(pa.table({"image_id": pa.array([], pa.string())}))
+        joined = rows.join(right, join_type="left_anti", num_partitions=num_partitions,
+                           on=("image_id",))
+        # One block per partition and one partition per id: repeats meet in a block.
+        return joined.map_batches(_dedupe_block, batch_format="pandas", batch_size=None)
+    return rows.map_batches(drop_done_batch, fn_kwargs={"refs": refs}, batch_format="pandas",
+                            batch_size=None)
