@@ -468,21 +468,30 @@ def test_category_reaches_a_scorer_that_takes_it(tmp_path, demo_root, monkeypatc
     items = [model_module._Item(image, content_seed(image), False, 0.0, "weave"),
              model_module._Item(image, content_seed(image), False, 0.0, None)]
     plain = LotscanModel.func_or_class(uri, {}, serve_cfg, False)
-    assert not plain.takes_categories  # today's Scorer: one calibration for every category
+    assert plain.takes_categories  # the Scorer applies per-category calibrations
     expected = plain._score_sync(items)[0].image_scores
     seen: list = []
 
-    class CategoryScorer(Scorer):  # the multi-class scorer's signature
+    class SpyScorer(Scorer):
         def score(self, images, seeds, categories=None):
             seen.append(categories)
+            return super().score(images, seeds, categories=categories)
+
+    class LegacyScorer(Scorer):  # a scorer without categories: one calibration for all
+        def score(self, images, seeds):
             return super().score(images, seeds)
 
-    monkeypatch.setattr(model_module, "Scorer", CategoryScorer)
+    monkeypatch.setattr(model_module, "Scorer", SpyScorer)
     model = LotscanModel.func_or_class(uri, {}, serve_cfg, False)
     assert model.takes_categories and model.info()["categories_passed_to_scorer"]
     result = model._score_sync(items)[0]
     assert seen[-1] == ["weave", None]  # one entry per image of the batch, in order
     np.testing.assert_allclose(result.image_scores, expected, rtol=1e-5)
+
+    monkeypatch.setattr(model_module, "Scorer", LegacyScorer)
+    legacy = LotscanModel.func_or_class(uri, {}, serve_cfg, False)
+    assert not legacy.takes_categories and not legacy.info()["categories_passed_to_scorer"]
+    np.testing.assert_allclose(legacy._score_sync(items)[0].image_scores, expected, rtol=1e-5)
 
 
 # ------------------------------------------------- the app on a local Ray

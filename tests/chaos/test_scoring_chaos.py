@@ -63,11 +63,11 @@ def dta_model(demo_root, tmp_path_factory):
     return random_bundle("dta", str(tmp_path_factory.mktemp("chaos") / "dta"), demo_root)
 
 
-@pytest.mark.parametrize("rate", [0.1, 0.3])
-def test_an_unreliable_store_loses_no_good_image(rate, dta_model, ray_local, s3_server, s3_storage,
-                                                 tmp_path):
+def test_an_unreliable_store_loses_no_good_image(dta_model, ray_local, s3_server, s3_storage, tmp_path):
+    """30 % of requests fail (benchmarks/chaos.py runs 10 % and 30 % on 200 images)."""
+    rate = 0.3
     storage, bucket = s3_storage
-    lot = _lot(str(tmp_path / "lot"), 30, seed=int(rate * 10))
+    lot = _lot(str(tmp_path / "lot"), 20, seed=3)
     with open(os.path.join(lot, "broken.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\nbroken")
     upload_tree(lot, f"{bucket}/lot", storage)
@@ -84,7 +84,7 @@ def test_an_unreliable_store_loses_no_good_image(rate, dta_model, ray_local, s3_
     name = bucket.removeprefix("s3://")
     results = _s3_rows(s3_server, name, "out/results/")
     failures = _s3_rows(s3_server, name, "out/failures/")
-    assert len(results) == 30 and results["image_id"].is_unique
+    assert len(results) == 20 and results["image_id"].is_unique
     assert list(failures["uri"].str.rsplit("/", n=1).str[-1]) == ["broken.png"]
     assert not failures["retryable"].any()
 
@@ -120,7 +120,7 @@ def _wait_for(predicate, timeout: float) -> bool:
 def test_killed_actor_then_killed_driver_leave_one_row_per_image(dta_model, ray_local, tmp_path):
     import ray
 
-    lot = _lot(str(tmp_path / "lot"), 80)
+    lot = _lot(str(tmp_path / "lot"), 60)
     out = str(tmp_path / "out")
     address = ray.get_runtime_context().gcs_address
     args = ["score", "--model", dta_model, "--input", lot, "--out", out,
@@ -143,7 +143,7 @@ def test_killed_actor_then_killed_driver_leave_one_row_per_image(dta_model, ray_
     results, failures = _local_rows(out, "results"), _local_rows(out, "failures")
     assert killed_actor and killed_driver, "the run finished before the faults could be injected"
     assert rerun["scored"] > 0
-    assert len(results) == 80 and results["image_id"].is_unique and failures.empty
+    assert len(results) == 60 and results["image_id"].is_unique and failures.empty
     heatmaps = {os.path.splitext(os.path.basename(p))[0]
                 for p in glob.glob(os.path.join(out, "heatmaps", "**", "*.npy"), recursive=True)}
     assert heatmaps == set(results["image_id"]), "orphan or missing heatmaps"
@@ -152,7 +152,7 @@ def test_killed_actor_then_killed_driver_leave_one_row_per_image(dta_model, ray_
 def test_overlapping_runs_write_each_image_once(dta_model, ray_local, tmp_path):
     import ray
 
-    lot = _lot(str(tmp_path / "lot"), 40, seed=3)
+    lot = _lot(str(tmp_path / "lot"), 24, seed=3)
     out = str(tmp_path / "out")
     first = _cli(["score", "--model", dta_model, "--input", lot, "--out", out,
                   "--set", "score.batch_size=2"], {"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
@@ -163,7 +163,7 @@ def test_overlapping_runs_write_each_image_once(dta_model, ray_local, tmp_path):
     second = score_lots(dta_model, lot, out, **QUIET)
     assert second["scored"] == 0
     results = _local_rows(out, "results")
-    assert len(results) == 40 and results["image_id"].is_unique
+    assert len(results) == 24 and results["image_id"].is_unique
 
 
 def test_a_zoo_of_odd_files_each_ends_scored_or_failed_with_a_reason(dta_model, ray_local, tmp_path):

@@ -12,8 +12,7 @@
                                             retries): every re-run tries these images again
       heatmaps/<lot>/<image_id>.npy|.png    per-pixel anomaly maps
       regions/lot=<lot>/part-<hash>.parquet defect regions of flagged images
-      stats/part-<hash>.json                mergeable aggregates of each result part
-      summary.json, report.html             built from stats/
+      summary.json, report.html             aggregated from the tables by Ray tasks
 
 Exactly once: each image has one row in ``results`` or ``failures`` for any
 reader of the files (pandas, DuckDB, Spark). Part names are a hash of their
@@ -74,10 +73,6 @@ def failures_dir(out_uri: str) -> str:
 
 def retryable_dir(out_uri: str) -> str:
     return join(out_uri, "failures", "retryable")
-
-
-def stats_dir(out_uri: str) -> str:
-    return join(out_uri, "stats")
 
 
 def control_dir(out_uri: str) -> str:
