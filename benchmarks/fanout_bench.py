@@ -7,9 +7,10 @@ one actor; with ``auto`` they are split into chunks that both actors compute,
 then reduced by image.
 
     python benchmarks/fanout_bench.py prepare --workdir /tmp/fan --images 4 --method dta
-    farm-bench -n 3 --timeout 3000 \\
-        --vs 'python benchmarks/fanout_bench.py run --workdir /tmp/fan --fanout auto' -- \\
-        python benchmarks/fanout_bench.py run --workdir /tmp/fan --fanout off
+    # then time the two whole processes in turn (off, auto, off, auto, ...),
+    # e.g. with /usr/bin/time -v, and quote the median of the per-pair ratios:
+    /usr/bin/time -v python benchmarks/fanout_bench.py run --workdir /tmp/fan --fanout off
+    /usr/bin/time -v python benchmarks/fanout_bench.py run --workdir /tmp/fan --fanout auto
 """
 
 from __future__ import annotations

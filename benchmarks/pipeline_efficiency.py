@@ -7,13 +7,10 @@ same work as a Ray Data pipeline (decode tasks, one scoring actor, write
 tasks). Both run on the same images on this machine.
 
     python benchmarks/pipeline_efficiency.py prepare --workdir /tmp/eff --images 1000 --method recon
-    farm-bench -n 2 --warmup 0 --timeout 3000 \\
-        --vs 'python benchmarks/pipeline_efficiency.py bare --workdir /tmp/eff' -- \\
-        python benchmarks/pipeline_efficiency.py job --workdir /tmp/eff
-
-Each subcommand prints one JSON line: images, wall seconds and images/s
-(steady state: the job's own count of images over its scoring time, excluding
-Ray's start; the wall time includes it).
+    # then time the two whole processes in turn (bare, job, bare, job, ...),
+    # e.g. with /usr/bin/time -v, and quote the median of the per-pair ratios:
+    /usr/bin/time -v python benchmarks/pipeline_efficiency.py bare --workdir /tmp/eff
+    /usr/bin/time -v python benchmarks/pipeline_efficiency.py job --workdir /tmp/eff
 """
 
 from __future__ import annotations

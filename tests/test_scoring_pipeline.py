@@ -55,7 +55,7 @@ def test_manifest_rows_keep_extra_columns_and_repeats_are_scored_once(ray_local,
     import ray
 
     refs = [ray.put(np.sort(np.asarray(done, dtype=object).astype(ID_DTYPE)))]
-    joined = pd.DataFrame(drop_done(ds, refs, 1, "join", 2, 10).take_all())
+    joined = pd.DataFrame(drop_done(ds, refs, 1, "join", 2, 0).take_all())
     assert sorted(joined["image_id"]) == sorted(set(rows["image_id"]) - set(done))
     broadcast = pd.DataFrame(drop_done(ds.repartition(1), refs, 1, "broadcast", 2, 10).take_all())
     assert sorted(broadcast["image_id"]) == sorted(joined["image_id"])

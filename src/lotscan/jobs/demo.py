@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     print(f"[lotscan demo] 1/4 generating demo data in {data}")
     make_demo_dataset(data, categories=(args.category,), image_size=cfg.data.image_size,
-                      n_train=80, n_test_good=12, n_test_defect=12, seed=0)
+                      n_train=80, n_test_good=12, n_test_defect=12, n_test_structural=6,
+                      seed=0)
     ensure_ray(args.ray_address)
     print(f"[lotscan demo] 2/4 training {cfg.method} (at most {cfg.train.max_steps} steps or "
           f"{cfg.train.time_budget_minutes} min)")

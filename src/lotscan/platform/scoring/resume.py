@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import ray
 
 from lotscan.config import StorageConfig
@@ -107,18 +106,23 @@ def _dedupe_block(batch: pd.DataFrame) -> pd.DataFrame:
 def drop_done(rows: ray.data.Dataset, refs: list[Any], n_done: int, method: str,
               num_partitions: int, broadcast_max_ids: int) -> ray.data.Dataset:
     """Rows without the done ones. ``refs`` are object refs of sorted id arrays
-    (:func:`id_refs`); ``method`` is ``broadcast`` or ``join`` (a broadcast of more
-    than ``broadcast_max_ids`` ids switches to the join)."""
-    if method == "join" or n_done > broadcast_max_ids:
-        if refs:
-            right = ray.data.from_numpy_refs(refs).map_batches(
-                lambda b: {"image_id": np.asarray(b["data"]).astype(str).astype(object)},
-                batch_format="numpy")
-        else:
-            right = ray.data.from_arrow(pa.table({"image_id": pa.array([], pa.string())}))
-        joined = rows.join(right, join_type="left_anti", num_partitions=num_partitions,
-                           on=("image_id",))
-        # One block per partition and one partition per id: repeats meet in a block.
-        return joined.map_batches(_dedupe_block, batch_format="pandas", batch_size=None)
+    (:func:`id_refs`); ``method`` is ``broadcast`` (folders: ids are unique) or
+    ``join`` (manifests: repeated URIs are dropped too). Up to
+    ``broadcast_max_ids`` done ids are filtered by a broadcast of the sorted
+    arrays in every case; above that a hash-partitioned anti-join
+    ``Dataset.join(left_anti)`` does it. Repeats of a manifest are dropped by a
+    group-by on the id (one group per id, the first row kept)."""
+    if method == "join":
+        rows = rows.groupby("image_id").map_groups(_dedupe_block, batch_format="pandas")
+    if n_done > broadcast_max_ids:
+        right = ray.data.from_numpy_refs(refs).map_batches(
+            lambda b: {"image_id": np.asarray(b["data"]).astype(str).astype(object)},
+            batch_format="numpy")
+        return rows.join(right, join_type="left_anti", num_partitions=num_partitions,
+                         on=("image_id",))
+    if not refs:
+        return rows
     return rows.map_batches(drop_done_batch, fn_kwargs={"refs": refs}, batch_format="pandas",
                             batch_size=None)
+
+
