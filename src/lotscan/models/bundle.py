@@ -225,10 +225,8 @@ def _check_calibration(data: Any, signal_names: tuple[str, ...], where: str) -> 
         raise bad("must be a mapping")
     try:
         calibration = Calibration.from_dict(data)
-    except (TypeError, ValueError) as err:
-        if isinstance(err, TypeError) or "field" in str(err):
-            raise bad(f"has unknown or missing fields ({err})") from err
-        raise bad(str(err).removeprefix("calibration.")) from err
+    except (TypeError, ValueError) as err:  # from_dict names the field and what is wrong
+        raise bad(f"has unknown or missing fields or invalid values ({err})") from err
     ranges = calibration.signal_ranges
     if not isinstance(ranges, dict) or set(ranges) != set(signal_names):
         got = sorted(ranges) if isinstance(ranges, dict) else ranges

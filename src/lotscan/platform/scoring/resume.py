@@ -124,5 +124,3 @@ def drop_done(rows: ray.data.Dataset, refs: list[Any], n_done: int, method: str,
         return rows
     return rows.map_batches(drop_done_batch, fn_kwargs={"refs": refs}, batch_format="pandas",
                             batch_size=None)
-
-
