@@ -53,7 +53,7 @@ def run_case(manifest: str, out: str) -> dict:
     from lotscan.config import StorageConfig
     from lotscan.platform.runtime import ensure_ray
     from lotscan.platform.scoring.listing import list_rows
-    from lotscan.platform.scoring.resume import drop_done, id_refs, result_ids
+    from lotscan.platform.scoring.resume import drop_done, id_refs, partitions_for, result_ids
 
     ensure_ray(num_cpus=os.cpu_count(), include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -61,12 +61,17 @@ def run_case(manifest: str, out: str) -> dict:
     started = time.time()
     rows = list_rows(manifest, storage).materialize()
     listed = rows.count()
+    t_listed = time.time()
     done = result_ids(out, storage) if os.path.isdir(out) else None
     refs, n_done = id_refs(done) if done is not None else ([], 0)
-    todo = drop_done(rows, refs, n_done, "join", max(2, os.cpu_count()), 5_000_000).materialize()
+    t_ids = time.time()
+    todo = drop_done(rows, refs, n_done, True, partitions_for(listed, os.cpu_count()),
+                     5_000_000).materialize()
     left = todo.count()
     wall = time.time() - started
     return {"listed": listed, "done": n_done, "to_score": left, "wall_s": round(wall, 1),
+            "listing_s": round(t_listed - started, 1), "done_ids_s": round(t_ids - t_listed, 1),
+            "drop_s": round(time.time() - t_ids, 1),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 

@@ -13,11 +13,11 @@ import sys
 import time
 
 import ray
+from lotscan.platform.lot_scoring import score_lots
 
 from lotscan.config import load_config
 from lotscan.platform.demo_data import make_demo_dataset
 from lotscan.platform.evaluation import evaluate_run
-from lotscan.platform.lot_scoring import score_lots
 from lotscan.platform.training import train_bundle
 
 WORK = "/tmp/lotscan-precision-quality"

@@ -55,10 +55,13 @@ def test_manifest_rows_keep_extra_columns_and_repeats_are_scored_once(ray_local,
     import ray
 
     refs = [ray.put(np.sort(np.asarray(done, dtype=object).astype(ID_DTYPE)))]
-    joined = pd.DataFrame(drop_done(ds, refs, 1, "join", 2, 0).take_all())
-    assert sorted(joined["image_id"]) == sorted(set(rows["image_id"]) - set(done))
-    broadcast = pd.DataFrame(drop_done(ds.repartition(1), refs, 1, "broadcast", 2, 10).take_all())
-    assert sorted(broadcast["image_id"]) == sorted(joined["image_id"])
+    expected = sorted(set(rows["image_id"]) - set(done))  # the repeat once, the done one not
+    joined = pd.DataFrame(drop_done(ds, refs, 1, True, 2, 0).take_all())  # anti-join
+    assert sorted(joined["image_id"]) == expected
+    hashed = pd.DataFrame(drop_done(ds, refs, 1, True, 3, 10).take_all())  # broadcast + dedupe
+    assert sorted(hashed["image_id"]) == expected
+    folder = pd.DataFrame(drop_done(ds.repartition(1), refs, 1, False, 2, 10).take_all())
+    assert sorted(folder["image_id"]) == expected
 
 
 @pytest.fixture(scope="module")

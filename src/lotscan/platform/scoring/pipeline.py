@@ -44,6 +44,7 @@ from lotscan.platform.scoring.resume import (
     ID_DTYPE,
     drop_done,
     id_refs,
+    partitions_for,
     permanent_failure_files,
     result_ids,
     retryable_ids,
@@ -238,9 +239,9 @@ def score_lots(
             if listed == 0:
                 raise InputError(f"no images found under URI {input_uri}")
             manifest = detect_layout(_normalize(input_uri), storage) == "manifest"
-            num_partitions = max(2, min(64, int(ray.cluster_resources().get("CPU", 2))))
-            todo = drop_done(rows, refs, n_done, "join" if manifest else "broadcast",
-                             num_partitions, cfg.score.resume_broadcast_max_ids).materialize()
+            num_partitions = partitions_for(listed, int(ray.cluster_resources().get("CPU", 2)))
+            todo = drop_done(rows, refs, n_done, manifest, num_partitions,
+                             cfg.score.resume_broadcast_max_ids).materialize()
             n_todo = todo.count()
             log(f"[lotscan score] {cfg.method} model {bundle.model_id}: {listed} images listed, "
                 f"{listed - n_todo} already scored under {out_uri}, {n_todo} to score"
