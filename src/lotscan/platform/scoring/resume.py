@@ -6,17 +6,19 @@ retryable failures (storage kept failing) are tried again by every run, and
 done images from the listed rows, both in Ray Data, neither through the
 driver:
 
-- **broadcast filter** (folders, MVTec roots): the done ids are read by Ray
-  tasks into sorted arrays in the object store and every listing block drops
-  its done rows with a binary search. Cheap and fixed-cost; it needs the done
+- **broadcast filter** (the default): the done ids are read by Ray tasks
+  into sorted arrays in the object store and every listing block drops its
+  done rows with a binary search. Cheap and fixed-cost; it needs the done
   ids of the whole output in each task's memory (16 bytes an image: 16 MB for
   a million), so beyond ``score.resume_broadcast_max_ids`` the join below is
   used instead.
-- **anti-join** (manifests, or many done ids): ``Dataset.join(...,
-  "left_anti")`` hash-partitions both sides by image id; a manifest may list
-  an image twice, and since each image id lands in exactly one partition,
-  repeats are dropped there too. A shuffle: seconds of fixed cost, then it
-  scales with the cluster.
+- **anti-join** (many done ids): ``Dataset.join(..., "left_anti")``
+  hash-partitions both sides by image id. A shuffle: seconds of fixed cost,
+  then it scales with the cluster.
+
+A manifest may list an image twice: its rows are hash-partitioned by id (the
+join does that itself), so each id's repeats share a block, and the
+per-block pass keeps the first. Folders list each image once.
 
 Ray Data's own checkpointing (``ray.data.checkpoint``) was judged and not
 used: it keeps its own record of finished ids beside our results (two sources
