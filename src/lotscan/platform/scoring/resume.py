@@ -135,6 +135,10 @@ def drop_done(rows: ray.data.Dataset, refs: list[Any], n_done: int, dedupe: bool
             return rows
         refs = []  # the join dropped the done ids; the pass below drops repeats
     elif dedupe:
+        if refs:  # the done rows first, so that only what is left is shuffled
+            rows = rows.map_batches(drop_done_batch, fn_kwargs={"refs": refs},
+                                    batch_format="pandas", batch_size=None)
+            refs = []
         rows = rows.repartition(num_partitions, keys=["image_id"])
     elif not refs:
         return rows
