@@ -19,7 +19,7 @@ from lotscan.platform.training import train_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-MAX_STEPS = 32
+MAX_STEPS = 60
 
 
 def _descendants(root: int) -> list[int]:
