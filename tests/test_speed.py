@@ -189,7 +189,7 @@ def test_bench_reports_flops_peaks_reference_and_precisions(tmp_path, capsys):
     ranges = {"trend_x": [0.0, 1.0], "trend_u": [0.0, 1.0]}
     save_bundle(Bundle(build_method(cfg), Calibration(ranges, 0.5, 0.01, 2)), str(tmp_path / "b"), cfg.storage)
     argv = ["bench", "--model", str(tmp_path / "b"), "--batch-size", "1", "--batch-size", "2",
-            "--images", "2", "--reference", "--precision", "fp32", "--precision", "bf16", "--table",
+            "--images", "2", "--reference", "--precision", "fp32", "--precision", "bf16", "--table", "--repeats", "2",
             "--peak-seconds", "0.05", "--threads", "1", "--json", str(tmp_path / "r.json"),
             "--set", "score.channels_last=true"]
     assert main(argv) == 0
@@ -205,7 +205,7 @@ def test_bench_reports_flops_peaks_reference_and_precisions(tmp_path, capsys):
         assert row["channels_last"] and row["speedup_vs_reference"] > 0 and row["gflops_per_s"] > 0
         assert 0 < row["share_of_fp32_peak"] and 0 < row["share_of_bf16_peak"]
     assert report["reference"]["max_abs_image_score_diff"] < 1e-5
-    assert report["reference"]["calls_per_image"] == 4
+    assert report["reference"]["calls_per_image"] == 4 and report["repeats"] == 2
     assert 0 <= report["bf16_vs_fp32_max_abs_image_score_diff"] < 1.0
 
 

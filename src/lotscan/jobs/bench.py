@@ -15,7 +15,7 @@ PRECISIONS = ("fp32", "bf16")
 HELP = """\
 Measure how fast a bundle scores images on this machine (no Ray, no I/O: the
 scorer alone, on seeded random images at the bundle's image size), after a
-warm-up batch. Prints one JSON line (or, with --table, a Markdown table):
+warm-up batch (best of --repeats interleaved rounds). Prints one JSON line (or, with --table, a Markdown table):
 
 - images/s and ms per image per precision and batch size;
 - FLOPs per image (matmuls and convolutions, backward passes included,
@@ -68,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-seconds", type=non_negative_float, default=1.0, metavar="S",
                    help="seconds of each peak probe (fp32 and bf16 matmul, 1x1 convolution; "
                         "default 1; 0 skips them)")
+    p.add_argument("--repeats", type=positive_int, default=1, metavar="R",
+                   help="time every configuration R times in interleaved rounds and keep "
+                        "each one's fastest (default 1; 3 on a machine with other load)")
     p.add_argument("--table", action="store_true",
                    help="print a Markdown table instead of the JSON line")
     p.add_argument("--json", dest="json_out", metavar="FILE",
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     m = Measurement(bundle, device, args.images, args.batch_size or [1, 8], log=progress)
     start = time.perf_counter()
     report = m.report(args.precision or [bundle.config.score.precision], args.reference,
-                      args.peak_seconds)
+                      args.peak_seconds, args.repeats)
     progress(f"done in {time.perf_counter() - start:.1f} s")
     text = json.dumps(report)
     if args.json_out:

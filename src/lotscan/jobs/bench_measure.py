@@ -50,6 +50,7 @@ class Measurement:
         self.images = int(images)
         self.batch_sizes = [int(b) for b in batch_sizes]
         self.log = log
+        self.channels_last = bool(bundle.config.score.channels_last)
         size = bundle.config.data.image_size
         n_pool = max(self.images, max(self.batch_sizes))
         self.pool = np.random.default_rng(0).integers(0, 256, (n_pool, size, size, 3), dtype=np.uint8)
@@ -74,63 +75,87 @@ class Measurement:
             out["conv1x1"][precision] = round(conv1x1_peak(precision, seconds, self.device), 2)
         return out
 
-    def time_scorer(self, precision: str, batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
-        """Images/s of one scorer at ``batch_size`` after a warm-up batch; also the
-        image scores of the timed images (indices 0..images-1 of the pool)."""
+    def scorer_run(self, precision: str, batch_size: int) -> tuple[Callable[[], np.ndarray], int]:
+        """A warmed-up scorer at ``batch_size`` as a function that scores the
+        timed images (indices 0..n-1 of the pool) and returns their scores."""
         scorer = Scorer(self.method, self.calibration, self.device, precision=precision)
         bs = batch_size
         scorer.score(self.pool[:bs], self.seeds[:bs])  # warm-up
-        self.sync()
         n_batches = max(1, self.images // bs)
-        scores = []
-        start = time.perf_counter()
-        for i in range(n_batches):
-            rows = slice(i * bs, (i + 1) * bs)
-            scores.append(scorer.score(self.pool[rows], self.seeds[rows]).image_scores)
-        self.sync()
-        elapsed = time.perf_counter() - start
-        n = n_batches * bs
-        row = {"precision": precision, "channels_last": scorer.channels_last, "batch_size": bs,
-               "images": n, "images_per_s": round(n / elapsed, 3),
-               "ms_per_image": round(elapsed * 1000 / n, 2)}
-        return row, np.concatenate(scores)
 
-    def time_reference(self) -> tuple[dict[str, Any], np.ndarray]:
+        def call() -> np.ndarray:
+            return np.concatenate([scorer.score(self.pool[i * bs:(i + 1) * bs],
+                                                self.seeds[i * bs:(i + 1) * bs]).image_scores
+                                   for i in range(n_batches)])
+
+        self.channels_last = scorer.channels_last
+        return call, n_batches * bs
+
+    def reference_run(self) -> tuple[Callable[[], np.ndarray], int]:
         n = min(self.images, len(self.pool))
         reference_scores(self.method, self.calibration, self.pool[:1], self.seeds[:1], self.device)
+
+        def call() -> np.ndarray:
+            return reference_scores(self.method, self.calibration, self.pool[:n], self.seeds[:n],
+                                    self.device).image_scores
+
+        return call, n
+
+    def timed(self, call: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
         self.sync()
         start = time.perf_counter()
-        result = reference_scores(self.method, self.calibration, self.pool[:n], self.seeds[:n],
-                                  self.device)
+        scores = call()
         self.sync()
-        elapsed = time.perf_counter() - start
-        row = {"precision": "fp32", "batch_size": 1, "images": n,
-               "images_per_s": round(n / elapsed, 3), "ms_per_image": round(elapsed * 1000 / n, 2),
-               "calls_per_image": self.method.num_units()}
-        return row, result.image_scores
+        return time.perf_counter() - start, scores
 
-    def report(self, precisions: Sequence[str], reference: bool, peak_seconds: float) -> dict[str, Any]:
+    def report(self, precisions: Sequence[str], reference: bool, peak_seconds: float,
+               repeats: int = 1) -> dict[str, Any]:
+        """Every measurement ``repeats`` times, in interleaved rounds (each round
+        times every configuration once), keeping each one's fastest: other load
+        on the machine then slows every configuration alike, and the best of a
+        few rounds is the one least disturbed."""
         cfg = self.bundle.config
         self.log("counting FLOPs")
         flops = self.flops_per_image()
         peaks = self.peaks(peak_seconds)
         matmul = peaks.get("matmul", {})
 
-        def rates(row: dict[str, Any]) -> None:
-            gflops = flops * row["images_per_s"] / 1e9
-            row["gflops_per_s"] = round(gflops, 3)
-            for p in ("fp32", "bf16"):
-                if p in matmul:
-                    row[f"share_of_{p}_peak"] = round(gflops / matmul[p], 4)
-
-        rows, scores = [], {}
+        runs: dict[tuple[str, int], tuple[Callable[[], np.ndarray], int]] = {}
         for precision in dict.fromkeys(precisions):
             for bs in self.batch_sizes:
-                self.log(f"{precision}, batch {bs}")
-                row, s = self.time_scorer(precision, bs)
-                rates(row)
-                rows.append(row)
-                scores.setdefault(precision, []).append(s)
+                self.log(f"warm-up {precision}, batch {bs}")
+                runs[(precision, bs)] = self.scorer_run(precision, bs)
+        if reference:
+            self.log("warm-up reference loop")
+            runs[("reference", 1)] = self.reference_run()
+        best: dict[tuple[str, int], float] = {}
+        scores: dict[tuple[str, int], np.ndarray] = {}
+        for r in range(repeats):
+            for key, (call, _) in runs.items():
+                self.log(f"round {r + 1}/{repeats}: {key[0]}, batch {key[1]}")
+                elapsed, scores[key] = self.timed(call)
+                best[key] = min(best.get(key, float("inf")), elapsed)
+
+        def row(key: tuple[str, int]) -> dict[str, Any]:
+            n = runs[key][1]
+            out = {"precision": "fp32" if key[0] == "reference" else key[0], "batch_size": key[1],
+                   "images": n, "images_per_s": round(n / best[key], 3),
+                   "ms_per_image": round(best[key] * 1000 / n, 2)}
+            gflops = flops * n / best[key] / 1e9
+            out["gflops_per_s"] = round(gflops, 3)
+            for p in ("fp32", "bf16"):
+                if p in matmul:
+                    out[f"share_of_{p}_peak"] = round(gflops / matmul[p], 4)
+            return out
+
+        rows = []
+        for key in runs:
+            if key[0] != "reference":
+                rows.append({**row(key), "channels_last": self.channels_last})
+        by_precision: dict[str, list[np.ndarray]] = {}
+        for key, s in scores.items():
+            if key[0] != "reference":
+                by_precision.setdefault(key[0], []).append(s)
         out: dict[str, Any] = {
             "model_id": self.bundle.model_id, "method": cfg.method, "image_size": cfg.data.image_size,
             "units_per_image": self.method.num_units(), "max_units_per_pass": cfg.score.max_units_per_pass,
@@ -138,18 +163,16 @@ class Measurement:
             "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                             else cpu_summary()["model"]),
             "cpu": cpu_summary(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "flops_per_image": int(flops), "peak_gflops": peaks, "results": rows,
+            "repeats": repeats, "flops_per_image": int(flops), "peak_gflops": peaks, "results": rows,
         }
-        if "fp32" in scores and "bf16" in scores:
-            out["bf16_vs_fp32_max_abs_image_score_diff"] = _max_diff(scores["bf16"], scores["fp32"])
+        if "fp32" in by_precision and "bf16" in by_precision:
+            out["bf16_vs_fp32_max_abs_image_score_diff"] = _max_diff(by_precision["bf16"], by_precision["fp32"])
         if reference:
-            self.log("reference loop")
-            ref, ref_scores = self.time_reference()
-            rates(ref)
-            batched = scores.get("fp32") or next(iter(scores.values()))
-            ref["max_abs_image_score_diff"] = _max_diff([ref_scores], batched)
-            for row in rows:
-                row["speedup_vs_reference"] = round(ref["ms_per_image"] / row["ms_per_image"], 2)
+            ref = {**row(("reference", 1)), "calls_per_image": self.method.num_units()}
+            batched = by_precision.get("fp32") or next(iter(by_precision.values()))
+            ref["max_abs_image_score_diff"] = _max_diff([scores[("reference", 1)]], batched)
+            for r in rows:
+                r["speedup_vs_reference"] = round(ref["ms_per_image"] / r["ms_per_image"], 2)
             out["reference"] = ref
         return out
 
