@@ -23,16 +23,20 @@ export OMP_NUM_THREADS=$THREADS PYTHONPATH=${PYTHONPATH:-src}
 BENCH=("$PY" -m lotscan.jobs.cli bench --threads "$THREADS" --images "$IMAGES")
 
 "$PY" benchmarks/speed_bundles.py "$WORK" $METHODS
-for M in $METHODS; do
-  "${BENCH[@]}" --model "$WORK/$M" --batch-size 1 --batch-size 8 --batch-size 32 \
+if [ -n "${BEFORE_SRC:-}" ]; then  # made by that code, which cannot read the new score.* fields
+  PYTHONPATH=$BEFORE_SRC "$PY" benchmarks/speed_bundles.py "$WORK/before" $METHODS
+fi
+for M in $METHODS; do  # a result already there is kept (re-run to finish an interrupted run)
+  [ -s "$WORK/$M.md" ] || "${BENCH[@]}" --model "$WORK/$M" --batch-size 1 --batch-size 8 --batch-size 32 \
     --precision fp32 --precision bf16 --reference --peak-seconds 1 --repeats "$REPEATS" \
     --json "$WORK/$M.json" --table > "$WORK/$M.md"
-  "${BENCH[@]}" --model "$WORK/$M" --batch-size 8 --precision fp32 --precision bf16 \
-    --peak-seconds 0 --repeats "$REPEATS" --set score.channels_last=true --json "$WORK/$M-cl.json" --table > "$WORK/$M-cl.md"
-  if [ -n "${BEFORE_SRC:-}" ]; then
+  [ -s "$WORK/$M-cl.md" ] || "${BENCH[@]}" --model "$WORK/$M" --batch-size 8 --precision fp32 --precision bf16 \
+    --peak-seconds 0 --repeats "$REPEATS" --set score.channels_last=true --json "$WORK/$M-cl.json" \
+    --table > "$WORK/$M-cl.md"
+  if [ -n "${BEFORE_SRC:-}" ] && [ ! -s "$WORK/$M-before.jsonl" ]; then
     for R in $(seq "$REPEATS"); do  # that bench has no --repeats: the best of these runs counts
       PYTHONPATH=$BEFORE_SRC "$PY" -m lotscan.jobs.cli bench --threads "$THREADS" --images "$IMAGES" \
-        --model "$WORK/$M" --batch-size 8
+        --model "$WORK/before/$M" --batch-size 8
     done > "$WORK/$M-before.jsonl"
   fi
 done
