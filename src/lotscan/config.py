@@ -677,10 +677,12 @@ class ScoreConfig:
     """Arithmetic of the networks' forward passes when scoring: ``fp32``, or
     ``bf16`` (``torch.autocast`` to bfloat16 around each work unit's network
     calls; every partial is cast back to float32 before the reduction, the
-    normalisation and the image score). bf16 moves image scores by about 1e-2
-    of the calibrated range (docs/speed.md) and is faster only where the
-    hardware has bf16 arithmetic (GPUs; CPUs with AVX-512 BF16 or AMX), so the
-    default is fp32. May differ from the calibrated bundle's value."""
+    normalisation and the image score). bf16 moved image scores by at most
+    0.0045 (in units of the calibrated range; default-size bundles,
+    docs/speed.md) and is faster only where the hardware has bf16 arithmetic
+    (GPUs; CPUs with AVX-512 BF16 or AMX; on a CPU without, it is much
+    slower), so the default is fp32. May differ from the calibrated bundle's
+    value."""
     channels_last: bool = False
     """Convert the networks' 4-D weights and the scorer's inputs to the
     ``channels_last`` memory format (NHWC). Same scores to float rounding;
