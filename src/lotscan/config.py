@@ -673,6 +673,21 @@ class ScoreConfig:
     how many more there are is given (every one is in the results table)."""
     region_min_area: int = 4
     """Smallest defect region kept, in heatmap pixels (a 2 x 2 blob at 64 px)."""
+    precision: str = "fp32"
+    """Arithmetic of the networks' forward passes when scoring: ``fp32``, or
+    ``bf16`` (``torch.autocast`` to bfloat16 around each work unit's network
+    calls; every partial is cast back to float32 before the reduction, the
+    normalisation and the image score). bf16 moved image scores by at most
+    0.0045 (in units of the calibrated range; default-size bundles,
+    docs/speed.md) and is faster only where the hardware has bf16 arithmetic
+    (GPUs; CPUs with AVX-512 BF16 or AMX; on a CPU without, it is much
+    slower), so the default is fp32. May differ from the calibrated bundle's
+    value."""
+    channels_last: bool = False
+    """Convert the networks' 4-D weights and the scorer's inputs to the
+    ``channels_last`` memory format (NHWC). Same scores to float rounding;
+    faster or slower depending on the device and the convolution library
+    (docs/speed.md). May differ from the calibrated bundle's value."""
 
 
 @dataclass
@@ -923,6 +938,8 @@ class LotscanConfig:
              "score.smoothing_kernel", "must be an odd number >= 1, or null for the method's default"),
             (self.score.image_score_pool >= 1, "score.image_score_pool", "must be >= 1"),
             (self.score.heatmap_format in ("npy", "png16"), "score.heatmap_format", "must be npy or png16"),
+            (self.score.precision in ("fp32", "bf16"), "score.precision", "must be fp32 or bf16"),
+            (isinstance(self.score.channels_last, bool), "score.channels_last", "must be true or false"),
             (0.0 < self.calibration.normal_fpr < 1.0, "calibration.normal_fpr", "must be in (0, 1)"),
             (
                 0.0 <= self.calibration.low_quantile < self.calibration.high_quantile <= 1.0,

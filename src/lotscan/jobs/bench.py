@@ -4,22 +4,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 
 from lotscan.jobs.common import non_negative_int, positive_int
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 HELP = """\
 Measure how fast a bundle scores images on this machine (no Ray, no I/O: the
 scorer alone, on seeded random images at the bundle's image size), after a
-warm-up batch. Prints one JSON line: images/s and ms per image per batch size,
-with the device, thread count and method settings, for the README's figures.
+warm-up batch (best of --repeats interleaved rounds). Prints one JSON line (or, with --table, a Markdown table):
 
-example:
+- images/s and ms per image per precision and batch size;
+- FLOPs per image (matmuls and convolutions, backward passes included,
+  counted once on a small batch) and the GFLOP/s achieved;
+- the fp32 and bf16 matmul peak of this device (a short probe of square
+  matmuls, --peak-seconds each; 0 skips it) and the share of each reached;
+- with --reference, the loop a paper's code runs for the same scores (one
+  image and one work unit per network call, fp32), timed on the same images:
+  the speed-up over it and the largest image-score difference;
+- with --precision fp32 --precision bf16, both, and the largest image-score
+  difference of bf16 from fp32.
+
+Progress goes to stderr. docs/speed.md explains the figures.
+
+examples:
   lotscan bench --model runs/brick/dta-t150 --batch-size 1 --batch-size 8 --images 32
+  lotscan bench --model runs/brick/dta-t150 --batch-size 1 --batch-size 8 --batch-size 32 \\
+      --reference --precision fp32 --precision bf16 --table --threads 1
+  lotscan bench --model runs/brick/dta-t150 --set score.channels_last=true
 """
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,10 +60,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cpu, cuda or auto (default: cuda when available)")
     p.add_argument("--threads", type=non_negative_int, default=0,
                    help="torch threads (0: torch default)")
+    p.add_argument("--precision", action="append", choices=PRECISIONS,
+                   help="precision of the networks' passes to measure (repeatable; default "
+                        "score.precision of the bundle and --set)")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the one-image, one-unit-per-call reference loop")
+    p.add_argument("--peak-seconds", type=non_negative_float, default=1.0, metavar="S",
+                   help="seconds of each peak probe (fp32 and bf16 matmul, 1x1 convolution; "
+                        "default 1; 0 skips them)")
+    p.add_argument("--repeats", type=positive_int, default=1, metavar="R",
+                   help="time every configuration R times in interleaved rounds and keep "
+                        "each one's fastest (default 1; 3 on a machine with other load)")
+    p.add_argument("--table", action="store_true",
+                   help="print a Markdown table instead of the JSON line")
+    p.add_argument("--json", dest="json_out", metavar="FILE",
+                   help="also write the JSON report to FILE")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a scoring setting, e.g. --set dta.num_levels=5")
+                   help="override a scoring setting, e.g. --set score.channels_last=true")
     p.add_argument("--config", metavar="FILE")
     p.set_defaults(run=run)
+
+
+def progress(text: str) -> None:
+    print(f"lotscan bench: {text}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = overrides_from_args(args)
     check_bundle_exists(args.model, storage_config(overrides))
 
-    import numpy as np
     import torch
 
-    from lotscan.models.scoring import Scorer
+    from lotscan.jobs.bench_measure import Measurement
+    from lotscan.jobs.bench_table import markdown_table
     from lotscan.platform.bundles import open_bundle
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -59,31 +104,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     bundle = open_bundle(args.model, storage_config(overrides), overrides=overrides)
-    cfg = bundle.config
-    size = cfg.data.image_size
-    rng = np.random.default_rng(0)
-    rows = []
-    for bs in args.batch_size or [1, 8]:
-        scorer = Scorer(bundle.method, bundle.calibration, device)
-        images = rng.integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
-        seeds = list(range(bs))
-        scorer.score(images, seeds)  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        n_batches = max(1, args.images // bs)
-        start = time.perf_counter()
-        for _ in range(n_batches):
-            scorer.score(images, seeds)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        rows.append({"batch_size": bs, "images": n_batches * bs,
-                     "images_per_s": round(n_batches * bs / elapsed, 3),
-                     "ms_per_image": round(elapsed * 1000 / (n_batches * bs), 2)})
-    print(json.dumps({
-        "model_id": bundle.model_id, "method": cfg.method, "image_size": size,
-        "units_per_image": bundle.method.num_units(), "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(), "results": rows,
-    }))
+    if bundle.calibration is None:
+        raise UsageError(f"--model {args.model}: the bundle is not calibrated (run `lotscan calibrate`)")
+    m = Measurement(bundle, device, args.images, args.batch_size or [1, 8], log=progress)
+    start = time.perf_counter()
+    report = m.report(args.precision or [bundle.config.score.precision], args.reference,
+                      args.peak_seconds, args.repeats)
+    progress(f"done in {time.perf_counter() - start:.1f} s")
+    text = json.dumps(report)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    print(markdown_table(report) if args.table else text)
     return 0

@@ -60,7 +60,7 @@ SCORING_OVERRIDES: dict[str, set[str] | None] = {
               "reduce_actors", "decode_batch_size", "decode_num_cpus", "write_batch_size",
               "write_num_cpus", "lease_ttl_s", "lease_wait_s", "resume_broadcast_max_ids",
               "max_retryable_fraction", "heatmap_format", "heatmap_png_max", "report_top_k",
-              "report_max_flagged", "region_min_area"},
+              "report_max_flagged", "region_min_area", "precision", "channels_last"},
     "data": {"max_image_pixels", "max_image_bytes"},
     "serve": None,  # any field: how the endpoint runs, not what it computes
 }

@@ -132,6 +132,14 @@ class AnomalyMethod:
         report the same through ``signal_names``)."""
         return cls.signal_names
 
+    def needs_grad(self) -> bool:
+        """Whether ``partial`` takes gradients (``torch.enable_grad`` and
+        ``torch.autograd.grad`` inside, as DTA's uncertainty does). The scorer
+        runs a method that does not under ``torch.inference_mode`` (no autograd
+        bookkeeping at all), one that does under ``torch.no_grad``, since
+        ``enable_grad`` has no effect inside inference mode."""
+        return False
+
     def num_units(self) -> int:
         raise NotImplementedError
 

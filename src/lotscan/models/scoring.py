@@ -16,10 +16,16 @@ calibration, the Serve app), so that an image gets the same score everywhere:
 5. ``fuse`` -> anomaly map; image score = max of the average-pooled map;
    decision = score > the image's threshold (its category's, when the
    calibration has one; see :mod:`lotscan.models.calibration`).
+
+Speed settings (``score.precision``, ``score.channels_last``; docs/speed.md):
+the networks' forward passes may run under bfloat16 autocast (every partial
+is cast back to float32 before the reduction) and in the channels_last memory
+format. Methods that take no gradient run under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -70,6 +76,10 @@ def normalise(signal: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return ((signal - low) / max(high - low, 1e-12)).clamp(min=0.0)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``score.precision`` -> the dtype of the networks' arithmetic."""
+
+
 def image_scores(maps: torch.Tensor, pool: int) -> torch.Tensor:
     """Max of the average-pooled anomaly map: robust to single hot pixels."""
     pooled = mean_filter(maps, pool) if pool > 1 else maps
@@ -81,7 +91,12 @@ class Scorer:
 
     ``max_units_per_pass`` (default ``score.max_units_per_pass`` of the method's
     config) caps the image-units of one forward pass, for every caller: the
-    batch job's actors, calibration, Serve and ``lotscan bench``.
+    batch job's actors, calibration, Serve and ``lotscan bench``. Likewise
+    ``precision`` (``fp32`` or ``bf16``; default ``score.precision``) and
+    ``channels_last`` (default ``score.channels_last``). The memory format is
+    a property of the method's networks, which scorers of one method share:
+    each scorer converts them to its own format before it computes (a no-op
+    while they are in it).
     """
 
     def __init__(
@@ -90,6 +105,8 @@ class Scorer:
         calibration: Calibration | None = None,
         device: torch.device | str = "cpu",
         max_units_per_pass: int | None = None,
+        precision: str | None = None,
+        channels_last: bool | None = None,
     ):
         self.method = method.to(device).eval()
         self.calibration = calibration
@@ -99,6 +116,38 @@ class Scorer:
         if cap < 1:
             raise ValueError(f"max_units_per_pass must be >= 1, got {cap}")
         self.max_units_per_pass = int(cap)
+        self.precision = self.cfg.score.precision if precision is None else precision
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.channels_last = bool(self.cfg.score.channels_last if channels_last is None else channels_last)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self._use_memory_format()
+
+    # --- speed settings -----------------------------------------------------------
+    def _use_memory_format(self) -> None:
+        """Put the method's networks in this scorer's memory format (only 4-D
+        weights change; the values do not)."""
+        if getattr(self.method, "_memory_format", torch.contiguous_format) is self.memory_format:
+            return
+        for net in self.method.networks.values():
+            net.to(memory_format=self.memory_format)
+        self.method._memory_format = self.memory_format
+
+    def grad_mode(self) -> contextlib.AbstractContextManager:
+        """``inference_mode`` for a method that takes no gradient, else
+        ``no_grad`` (the method enables gradients where it needs them)."""
+        return torch.no_grad() if self.method.needs_grad() else torch.inference_mode()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast around the networks' passes when ``precision`` is bf16."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
+
+    def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) -> model inputs on the device, in the memory format."""
+        x = to_model_input(images, self.device)
+        return x.contiguous(memory_format=self.memory_format) if self.channels_last else x
 
     def passes(self, batch_size: int, units: Sequence[int] | None = None) -> list[tuple[slice, list[int]]]:
         """(image slice, unit chunk) of each forward pass for ``batch_size`` images:
@@ -120,9 +169,13 @@ class Scorer:
         computed in capped passes. A pass that runs out of device memory halves
         the cap and is tried again (down to one image-unit)."""
         seeds = [int(s) for s in seeds]
+        self._use_memory_format()
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         while True:
             try:
-                return self._partial(x, seeds, units)
+                with self.grad_mode():
+                    return self._partial(x, seeds, units)
             except torch.OutOfMemoryError:
                 if self.max_units_per_pass == 1:
                     raise
@@ -133,8 +186,9 @@ class Scorer:
     def _partial(self, x: torch.Tensor, seeds: list[int], units: Sequence[int] | None) -> Partial:
         by_rows: dict[tuple[int, int], list[Partial]] = {}
         for rows, chunk in self.passes(x.shape[0], units):
-            by_rows.setdefault((rows.start, rows.stop), []).append(
-                self.method.partial(x[rows], seeds[rows], chunk))
+            with self.autocast():
+                part = self.method.partial(x[rows], seeds[rows], chunk)
+            by_rows.setdefault((rows.start, rows.stop), []).append(_as_float32(part))
         parts = [combine_partials(by_rows[key]) for key in sorted(by_rows)]
         if len(parts) == 1:
             return parts[0]
@@ -150,9 +204,9 @@ class Scorer:
         """Smoothed raw signals for uint8 images (B, H, W, 3)."""
         if len(seeds) != len(images):
             raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
-        x = to_model_input(images, self.device)
-        with torch.no_grad():
-            return self.signals_from_partial(self.partial(x, seeds))
+        partial = self.partial(self.model_input(images), seeds)
+        with torch.inference_mode():
+            return self.signals_from_partial(partial)
 
     def fuse(self, signals: dict[str, torch.Tensor], calibration: Calibration) -> torch.Tensor:
         normalised = {
@@ -170,7 +224,7 @@ class Scorer:
     def score_partial(self, partial: Partial, categories: Sequence[str] | None = None) -> ScoreResult:
         """Score images from the combined partial of all their units (the
         fan-out path: partials computed elsewhere and reduced by image)."""
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.result(self.signals_from_partial(partial), categories)
 
     def result(self, signals: dict[str, torch.Tensor],
@@ -187,6 +241,11 @@ class Scorer:
             decisions=scores_np > thresholds,
             thresholds=thresholds,
         )
+
+
+def _as_float32(partial: Partial) -> Partial:
+    """Half-precision entries (from autocast) back to float32; others unchanged."""
+    return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in partial.items()}
 
 
 # ------------------------------------------------------------------ calibration

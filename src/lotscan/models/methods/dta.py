@@ -79,6 +79,9 @@ class DTAMethod(DenoiserMethod):
     def num_units(self) -> int:
         return self.cfg.dta.num_levels + 1
 
+    def needs_grad(self) -> bool:
+        return self.cfg.dta.uncertainty_weight != 0  # the Jacobian of x0* (variant B)
+
     def level_timesteps(self) -> torch.Tensor:
         """t_k for k = 0..K (CPU, int64) by ``dta.level_spacing``; distinct timesteps."""
         cfg = self.cfg.dta

@@ -416,6 +416,10 @@ class DiffADMethod(AnomalyMethod):
         return torch.cat([x_a, x_r], dim=1)
 
     # --- scoring ------------------------------------------------------------------
+    def needs_grad(self) -> bool:
+        d = self.cfg.diffad
+        return d.scoring == "trend" and d.trend.uncertainty_weight != 0
+
     def num_units(self) -> int:
         d = self.cfg.diffad
         return d.trend.num_levels + 1 if d.scoring == "trend" else d.num_samples

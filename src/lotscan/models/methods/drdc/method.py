@@ -199,6 +199,10 @@ class DRDCMethod(AnomalyMethod):
         return base_heatmap(features, self.networks["reconstructor"](features), tuple(images.shape[-2:]))
 
     # --- inpainting ---------------------------------------------------------------
+    def needs_grad(self) -> bool:
+        d = self.cfg.drdc
+        return d.scoring == "trend" and d.trend.uncertainty_weight != 0
+
     def num_units(self) -> int:
         d = self.cfg.drdc
         if d.scoring == "trend":
