@@ -145,9 +145,9 @@ class Scorer:
         return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
 
     def model_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, H, W, 3) -> model inputs on the device, in the memory format."""
-        x = to_model_input(images, self.device)
-        return x.contiguous(memory_format=self.memory_format) if self.channels_last else x
+        """uint8 images (B, H, W, 3) -> model inputs on the device (:meth:`partial`
+        puts them in the memory format)."""
+        return to_model_input(images, self.device)
 
     def passes(self, batch_size: int, units: Sequence[int] | None = None) -> list[tuple[slice, list[int]]]:
         """(image slice, unit chunk) of each forward pass for ``batch_size`` images:
