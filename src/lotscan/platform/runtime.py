@@ -152,7 +152,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
                object_store_memory: int | None = None,
                include_dashboard: bool | None = None,
                verbose: bool | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a local Ray.
+    """Join ``address`` (or ``RAY_ADDRESS``) when given, else start a new local Ray.
+
+    "Else" means a Ray of this process's own, even when another local Ray is
+    running: lotscan never attaches to a cluster it was not pointed at.
 
     A local Ray gets the storage credentials of this process in its workers'
     environment, so a laptop run against a local S3 endpoint just works. Its
@@ -183,7 +186,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address, **kwargs)
     else:
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
+        # address="local": a new Ray of our own, never a stray local one that
+        # ray.init() would otherwise find through /tmp/ray/ray_current_cluster.
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  runtime_env={"env_vars": env} if env else None, **kwargs)
     if file_handler is not None:
         _quiet_driver_loggers(file_handler)  # ray.init may have added console handlers
